@@ -5,6 +5,7 @@
 //! knows about FUSE; the `vaultfs` crate builds the filesystem on top of it.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod crypto;
 pub mod format;
 pub mod kdf;

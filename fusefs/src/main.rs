@@ -1,1 +1,290 @@
-fn main() {}
+//! `vaultfs [--key-file F | --passphrase-file F] [-f] [-o OPTS] CIPHERDIR MOUNTPOINT`
+//!
+//! Unlocks the vault, mounts it and (without `-f`) returns once the mount is ready, leaving a
+//! daemon serving it. SIGTERM, SIGINT or SIGHUP unmount cleanly.
+
+use clap::Parser;
+use rustix::fd::AsFd;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tracing::{error, info, warn};
+use vaultfs::adapter::Adapter;
+use vaultfs::fs::{Options, VaultFs};
+use vaultfs::sys::{self, Forked};
+use vaultfs_core::cli::{self, exit, CliError};
+use vaultfs_core::vault::Vault;
+
+#[derive(Parser)]
+#[command(name = "vaultfs", version, about = "Mount a vaultfs encrypted directory")]
+struct Args {
+    /// A 32-byte raw key file.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// A file holding the passphrase ("-" reads stdin).
+    #[arg(long, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// Stay in the foreground.
+    #[arg(short = 'f', long)]
+    foreground: bool,
+    /// Mount options, comma separated (allow_other, allow_root, default_permissions, ro, rw,
+    /// nosuid, nodev, noexec, suid, dev, exec, atime, noatime, sync, async, dirsync, fsname=,
+    /// nowriteback).
+    #[arg(short = 'o', value_name = "OPTS")]
+    options: Vec<String>,
+    /// Append log lines to this file (the daemon has no terminal).
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Worker threads serving requests (default: twice the CPUs, at least 4).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Debug logging.
+    #[arg(short = 'd', long)]
+    debug: bool,
+    cipherdir: PathBuf,
+    mountpoint: PathBuf,
+}
+
+struct MountOpts {
+    config: fuser::Config,
+    read_only: bool,
+    writeback: bool,
+}
+
+fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliError> {
+    use fuser::MountOption as M;
+    let mut config = fuser::Config::default();
+    let mut read_only = false;
+    let mut writeback = true;
+    let mut default_permissions = false;
+    let mut fsname = None;
+    for opt in list.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+        match opt {
+            "allow_other" => {
+                config.acl = fuser::SessionACL::All;
+                // Like gocryptfs: other users get the kernel's permission checks.
+                default_permissions = true;
+            }
+            "allow_root" => config.acl = fuser::SessionACL::RootAndOwner,
+            "default_permissions" => default_permissions = true,
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            "nosuid" => config.mount_options.push(M::NoSuid),
+            "suid" => config.mount_options.push(M::Suid),
+            "nodev" => config.mount_options.push(M::NoDev),
+            "dev" => config.mount_options.push(M::Dev),
+            "noexec" => config.mount_options.push(M::NoExec),
+            "exec" => config.mount_options.push(M::Exec),
+            "atime" => config.mount_options.push(M::Atime),
+            "noatime" => config.mount_options.push(M::NoAtime),
+            "sync" => config.mount_options.push(M::Sync),
+            "async" => config.mount_options.push(M::Async),
+            "dirsync" => config.mount_options.push(M::DirSync),
+            "nowriteback" => writeback = false,
+            o if o.starts_with("fsname=") => fsname = Some(o["fsname=".len()..].to_string()),
+            o => return Err(CliError::new(exit::USAGE, format!("unknown mount option {o:?}"))),
+        }
+    }
+    if default_permissions {
+        config.mount_options.push(M::DefaultPermissions);
+    }
+    config.mount_options.push(if read_only { M::RO } else { M::RW });
+    config.mount_options.push(M::FSName(fsname.unwrap_or_else(|| cipherdir.display().to_string())));
+    config.mount_options.push(M::Subtype("vaultfs".into()));
+    Ok(MountOpts { config, read_only, writeback: writeback && !read_only })
+}
+
+/// Everything up to a mounted session; errors carry their exit code.
+fn prepare(args: &Args) -> Result<(VaultFs, MountOpts), CliError> {
+    if !args.cipherdir.is_dir() {
+        return Err(CliError::new(exit::CIPHERDIR, format!("{}: not a directory", args.cipherdir.display())));
+    }
+    if !args.mountpoint.is_dir() {
+        return Err(CliError::new(exit::MOUNTPOINT, format!("{}: not a directory", args.mountpoint.display())));
+    }
+    let opts = parse_options(&args.options, &args.cipherdir)?;
+    let secret = cli::secret_from_args(args.key_file.as_deref(), args.passphrase_file.as_deref(), false)?;
+    let vault = Vault::unlock(&args.cipherdir, &secret)?;
+    drop(secret);
+    if !vault.suite().is_authenticated() {
+        warn!("vault uses aes-256-xts: contents are confidential but tampering is not detected");
+    }
+    let keys = vault.keys()?;
+    drop(vault); // the master key is not needed while mounted
+    let fs = VaultFs::new(&args.cipherdir, keys, Options { read_only: opts.read_only })
+        .map_err(|e| CliError::new(exit::CIPHERDIR, format!("{}: {e}", args.cipherdir.display())))?;
+    Ok((fs, opts))
+}
+
+fn harden_process() {
+    // No core dumps (they would hold keys), and room for one descriptor per cached inode.
+    if let Err(e) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+        warn!("cannot disable core dumps: {e}");
+    }
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if let Some(max) = lim.maximum {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit { current: Some(max), maximum: Some(max) },
+        );
+    }
+    // Created objects get exactly the mode the caller asked for (the caller's umask is applied
+    // by the kernel or by us).
+    rustix::process::umask(rustix::fs::Mode::empty());
+}
+
+fn serve(fs: VaultFs, opts: MountOpts, mountpoint: &Path, threads: Option<usize>) -> Result<(), CliError> {
+    let mut config = opts.config;
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    config.n_threads = Some(threads.unwrap_or((2 * cpus).max(4)).clamp(1, 64));
+    config.clone_fd = true;
+    let adapter = Adapter { fs: Arc::new(fs), writeback: opts.writeback };
+    let mut session = fuser::Session::new(adapter, mountpoint, &config)
+        .map_err(|e| CliError::new(exit::MOUNT, format!("mounting {}: {e}", mountpoint.display())))?;
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .map_err(|e| CliError::new(exit::ERROR, format!("signal set-up: {e}")))?;
+    let mp = mountpoint.to_path_buf();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            info!("signal {sig}: unmounting {}", mp.display());
+            if let Err(e) = unmounter.unmount() {
+                error!("unmount failed: {e}");
+            }
+        }
+    });
+    Ok(session_ready(session))
+}
+
+/// Tells a waiting parent that the mount is up, then serves until unmounted.
+fn session_ready<FS: fuser::Filesystem>(session: fuser::Session<FS>) {
+    if let Some(mut pipe) = READY.lock().ok().and_then(|mut g| g.take()) {
+        let _ = pipe.write_all(&[0]);
+    }
+    if let Err(e) = session.run() {
+        error!("session ended with an error: {e}");
+    }
+}
+
+static READY: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+fn report_failure(pipe: Option<std::fs::File>, e: &CliError) {
+    match pipe {
+        Some(mut p) => {
+            let mut msg = vec![e.code as u8];
+            msg.extend_from_slice(e.message.as_bytes());
+            let _ = p.write_all(&msg);
+        }
+        None => eprintln!("vaultfs: {}", e.message),
+    }
+}
+
+fn redirect_stdio(log_file: Option<&Path>) -> std::io::Result<()> {
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    rustix::stdio::dup2_stdin(null.as_fd())?;
+    rustix::stdio::dup2_stdout(null.as_fd())?;
+    match log_file {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(p)?;
+            rustix::stdio::dup2_stderr(f.as_fd())?;
+        }
+        None => rustix::stdio::dup2_stderr(null.as_fd())?,
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(mut a) => {
+            // Absolute paths: the daemon changes its directory to /.
+            if let Ok(p) = std::fs::canonicalize(&a.cipherdir) {
+                a.cipherdir = p;
+            }
+            if let Ok(p) = std::fs::canonicalize(&a.mountpoint) {
+                a.mountpoint = p;
+            }
+            a
+        }
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    if args.foreground {
+        if let Some(p) = &args.log_file {
+            if let Err(e) = redirect_stdio(Some(p)) {
+                eprintln!("vaultfs: {}: {e}", p.display());
+                std::process::exit(exit::ERROR);
+            }
+        }
+    }
+    cli::init_logging(args.debug);
+    harden_process();
+    // Unlock in the calling process: a wrong key is reported before anything forks or mounts.
+    let (fs, opts) = match prepare(&args) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("vaultfs: {}", e.message);
+            std::process::exit(e.code);
+        }
+    };
+    if args.foreground {
+        if let Err(e) = serve(fs, opts, &args.mountpoint, args.threads) {
+            eprintln!("vaultfs: {}", e.message);
+            std::process::exit(e.code);
+        }
+        return;
+    }
+    let (mut rd, wr) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vaultfs: pipe: {e}");
+            std::process::exit(exit::ERROR);
+        }
+    };
+    match sys::fork() {
+        Err(e) => {
+            eprintln!("vaultfs: fork: {e}");
+            std::process::exit(exit::ERROR);
+        }
+        Ok(Forked::Parent) => {
+            drop(wr);
+            let mut buf = Vec::new();
+            let _ = rd.read_to_end(&mut buf);
+            match buf.split_first() {
+                Some((0, _)) => std::process::exit(exit::OK),
+                Some((code, msg)) => {
+                    eprintln!("vaultfs: {}", String::from_utf8_lossy(msg));
+                    std::process::exit(i32::from(*code));
+                }
+                None => {
+                    eprintln!("vaultfs: the mount process died before the mount was ready");
+                    std::process::exit(exit::MOUNT);
+                }
+            }
+        }
+        Ok(Forked::Child) => {
+            drop(rd);
+            let _ = rustix::process::setsid();
+            let _ = std::env::set_current_dir("/");
+            let wr: std::fs::File = std::os::fd::OwnedFd::from(wr).into();
+            if let Err(e) = redirect_stdio(args.log_file.as_deref()) {
+                report_failure(Some(wr), &CliError::new(exit::ERROR, format!("log file: {e}")));
+                std::process::exit(exit::ERROR);
+            }
+            if let Ok(mut g) = READY.lock() {
+                *g = Some(wr);
+            }
+            if let Err(e) = serve(fs, opts, &args.mountpoint, args.threads) {
+                let pipe = READY.lock().ok().and_then(|mut g| g.take());
+                report_failure(pipe, &e);
+                std::process::exit(e.code);
+            }
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! Encrypted file contents on one backing file descriptor: reads, writes and truncation in whole
+//! blocks, each request handled in one pass (one pread, one pwrite) under the caller's lock.
+//!
+//! Invariants: the backing file is empty or holds a valid header; every block but the last is a
+//! full block; an all-zero on-disk block is a hole and reads as zeros.
+
+use rustix::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use vaultfs_core::format::blocks::{self, Layout};
+use vaultfs_core::format::{FileHeader, BLOCK_SIZE, HEADER_LEN};
+use vaultfs_core::{CipherSuite, ContentCipher, SecretKey};
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// What the content layer reports; the filesystem maps it to an errno.
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    #[error("I/O error: {0}")]
+    Io(#[from] rustix::io::Errno),
+    #[error("block {block} failed authentication")]
+    Auth { block: u64 },
+    #[error("corrupt file: {0}")]
+    Corrupt(String),
+    #[error("file too large")]
+    TooLarge,
+}
+
+impl ContentError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            ContentError::Io(e) => e.raw_os_error(),
+            ContentError::Auth { .. } | ContentError::Corrupt(_) => libc::EIO,
+            ContentError::TooLarge => libc::EFBIG,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ContentError>;
+
+/// Largest plaintext size (keeps all offset arithmetic far from overflow; ext4's limit is 16 TiB).
+pub const MAX_FILE_SIZE: u64 = 1 << 46;
+
+/// The cipher state of one open file.
+pub struct Content {
+    fd: OwnedFd,
+    suite: CipherSuite,
+    layout: Layout,
+    contents_key: Arc<SecretKey<32>>,
+    cipher: Option<Box<dyn ContentCipher>>,
+    /// Plaintext size, kept in step with the backing file (only we write it while it is open).
+    size: u64,
+}
+
+fn pread_exact(fd: impl AsFd, buf: &mut [u8], off: u64) -> Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = rustix::io::pread(&fd, &mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
+}
+
+fn pwrite_all(fd: impl AsFd, buf: &[u8], off: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = rustix::io::pwrite(&fd, &buf[done..], off + done as u64)?;
+        if n == 0 {
+            return Err(ContentError::Io(rustix::io::Errno::NOSPC));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+impl Content {
+    /// Wraps an open backing file (read-write, or read-only for a read-only mount).
+    pub fn open(fd: OwnedFd, suite: CipherSuite, contents_key: Arc<SecretKey<32>>) -> Result<Self> {
+        let layout = Layout::new(suite.overhead());
+        let len = rustix::fs::fstat(&fd)?.st_size as u64;
+        let size = layout.plain_size_lossy(len);
+        let mut c = Content { fd, suite, layout, contents_key, cipher: None, size };
+        if len > 0 {
+            c.load_header()?;
+        }
+        Ok(c)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn load_header(&mut self) -> Result<()> {
+        let mut h = [0u8; HEADER_LEN];
+        let n = pread_exact(&self.fd, &mut h, 0)?;
+        let hdr = FileHeader::parse(&h[..n]).map_err(|e| ContentError::Corrupt(e.to_string()))?;
+        self.set_cipher(&hdr)
+    }
+
+    fn set_cipher(&mut self, hdr: &FileHeader) -> Result<()> {
+        let c = self
+            .suite
+            .file_cipher(&self.contents_key, &hdr.file_id)
+            .map_err(|e| ContentError::Corrupt(e.to_string()))?;
+        self.cipher = Some(c);
+        Ok(())
+    }
+
+    /// Writes a fresh header to an empty backing file.
+    fn ensure_header(&mut self) -> Result<()> {
+        if self.cipher.is_some() {
+            return Ok(());
+        }
+        let hdr = FileHeader::random().map_err(|_| ContentError::Corrupt("rng failure".into()))?;
+        pwrite_all(&self.fd, &hdr.encode(), 0)?;
+        self.set_cipher(&hdr)
+    }
+
+    fn cipher(&self) -> Result<&dyn ContentCipher> {
+        self.cipher.as_deref().ok_or_else(|| ContentError::Corrupt("missing header".into()))
+    }
+
+    /// Decrypts the on-disk bytes of consecutive blocks starting at `first` into `out`
+    /// (`out.len()` = the blocks' plaintext lengths summed).
+    fn open_blocks(&self, first: u64, disk: &[u8], out: &mut [u8]) -> Result<()> {
+        let c = self.cipher()?;
+        let oh = self.layout.overhead();
+        let dbs = self.layout.disk_block() as usize;
+        for (i, (d, o)) in disk.chunks(dbs).zip(out.chunks_mut(BLOCK_SIZE)).enumerate() {
+            let block = first + i as u64;
+            if d.len() != o.len() + oh {
+                return Err(ContentError::Corrupt(format!("block {block} has a bad length")));
+            }
+            // Only a full block can be a hole: a partial last block is always written for real.
+            if d.len() == dbs && d.iter().all(|&b| b == 0) {
+                o.fill(0);
+                continue;
+            }
+            c.open(block, d, o).map_err(|_| ContentError::Auth { block })?;
+        }
+        Ok(())
+    }
+
+    /// Reads and decrypts plaintext blocks `[first, first + n)` of the current file (all of them
+    /// must lie within `self.size`).
+    fn read_blocks(&self, first: u64, plain_len: usize) -> Result<Vec<u8>> {
+        let n_blocks = plain_len.div_ceil(BLOCK_SIZE);
+        let disk_len = plain_len + n_blocks * self.layout.overhead();
+        let mut disk = vec![0u8; disk_len];
+        let got = pread_exact(&self.fd, &mut disk, self.layout.block_offset(first))?;
+        if got != disk_len {
+            return Err(ContentError::Corrupt(format!("short read at block {first}")));
+        }
+        let mut out = vec![0u8; plain_len];
+        self.open_blocks(first, &disk, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reads up to `len` bytes at `off`.
+    pub fn read(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        if off >= self.size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (off + len as u64).min(self.size);
+        let first = blocks::block_of(off);
+        let last = blocks::block_of(end - 1);
+        let plain_len = (self.layout.block_len(last, self.size) as u64 + (last - first) * BS) as usize;
+        let mut buf = self.read_blocks(first, plain_len)?;
+        let skip = blocks::offset_in_block(off);
+        buf.truncate(skip + (end - off) as usize);
+        buf.drain(..skip);
+        Ok(buf)
+    }
+
+    /// Re-encrypts block `index` (currently `old_len` bytes long) with length `new_len`, zero-
+    /// padding when it grows. Used where the file's end moves.
+    fn resize_block(&mut self, index: u64, old_len: usize, new_len: usize) -> Result<()> {
+        let mut plain = if old_len > 0 { self.read_blocks(index, old_len)? } else { Vec::new() };
+        plain.resize(new_len, 0);
+        let mut disk = vec![0u8; new_len + self.layout.overhead()];
+        self.cipher()?.seal(index, &plain, &mut disk).map_err(|e| ContentError::Corrupt(e.to_string()))?;
+        pwrite_all(&self.fd, &disk, self.layout.block_offset(index))
+    }
+
+    /// Makes the current last block, if partial, a full block, ahead of growth past it.
+    fn fill_tail_block(&mut self) -> Result<()> {
+        let tail = (self.size % BS) as usize;
+        if tail != 0 {
+            self.resize_block(self.size / BS, tail, BLOCK_SIZE)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `off`; returns the bytes written.
+    pub fn write(&mut self, off: u64, data: &[u8]) -> Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = off.checked_add(data.len() as u64).ok_or(ContentError::TooLarge)?;
+        if end > MAX_FILE_SIZE {
+            return Err(ContentError::TooLarge);
+        }
+        self.ensure_header()?;
+        let first = blocks::block_of(off);
+        let last = blocks::block_of(end - 1);
+        let old_size = self.size;
+        // Growing past a partial last block that this write does not cover: complete it first.
+        if old_size % BS != 0 && first > old_size / BS {
+            self.fill_tail_block()?;
+        }
+        let new_size = old_size.max(end);
+        // Plaintext of the blocks [first, last] after the write.
+        let span_start = first * BS;
+        let span_len = (new_size.min((last + 1) * BS) - span_start) as usize;
+        let mut plain = vec![0u8; span_len];
+        let head = blocks::offset_in_block(off);
+        // Old contents of a partially overwritten first block.
+        if head != 0 && span_start < old_size {
+            let l = self.layout.block_len(first, old_size);
+            let old = self.read_blocks(first, l)?;
+            plain[..l].copy_from_slice(&old);
+        }
+        // Old contents of a partially overwritten last block (if distinct from the first).
+        let tail_block_start = last * BS;
+        if end < (last + 1) * BS && tail_block_start < old_size && end < old_size && (last != first || head == 0) {
+            let l = self.layout.block_len(last, old_size);
+            let old = self.read_blocks(last, l)?;
+            let at = (tail_block_start - span_start) as usize;
+            plain[at..at + l].copy_from_slice(&old);
+        }
+        plain[head..head + data.len()].copy_from_slice(data);
+        self.seal_and_write(first, &plain)?;
+        self.size = new_size;
+        Ok(data.len())
+    }
+
+    /// Encrypts `plain` as consecutive blocks from `first` and writes them in one call.
+    fn seal_and_write(&self, first: u64, plain: &[u8]) -> Result<()> {
+        let c = self.cipher()?;
+        let oh = self.layout.overhead();
+        let n_blocks = plain.len().div_ceil(BLOCK_SIZE);
+        let mut disk = vec![0u8; plain.len() + n_blocks * oh];
+        let dbs = self.layout.disk_block() as usize;
+        let work = |(i, (p, d)): (usize, (&[u8], &mut [u8]))| {
+            c.seal(first + i as u64, p, d).map_err(|e| ContentError::Corrupt(e.to_string()))
+        };
+        // Large requests: split the crypto across two threads.
+        if n_blocks >= 64 {
+            let half_blocks = n_blocks / 2;
+            let (pa, pb) = plain.split_at(half_blocks * BLOCK_SIZE);
+            let (da, db) = disk.split_at_mut(half_blocks * dbs);
+            let r: Result<()> = std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    pb.chunks(BLOCK_SIZE)
+                        .zip(db.chunks_mut(dbs))
+                        .enumerate()
+                        .try_for_each(|(i, x)| work((i + half_blocks, x)))
+                });
+                pa.chunks(BLOCK_SIZE).zip(da.chunks_mut(dbs)).enumerate().try_for_each(work)?;
+                h.join().map_err(|_| ContentError::Corrupt("crypto thread panicked".into()))?
+            });
+            r?;
+        } else {
+            plain.chunks(BLOCK_SIZE).zip(disk.chunks_mut(dbs)).enumerate().try_for_each(work)?;
+        }
+        pwrite_all(&self.fd, &disk, self.layout.block_offset(first))
+    }
+
+    /// Sets the plaintext size.
+    pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+        if new_size > MAX_FILE_SIZE {
+            return Err(ContentError::TooLarge);
+        }
+        let old = self.size;
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size == 0 {
+            rustix::fs::ftruncate(&self.fd, 0)?;
+            // A fresh file ID (and so a fresh key) for whatever is written next.
+            self.cipher = None;
+            self.size = 0;
+            return Ok(());
+        }
+        self.ensure_header()?;
+        if new_size < old {
+            let tail = (new_size % BS) as usize;
+            if tail != 0 {
+                let idx = new_size / BS;
+                let old_len = self.layout.block_len(idx, old);
+                self.resize_block(idx, old_len, tail)?;
+            }
+        } else {
+            let old_last = old.div_ceil(BS); // blocks holding data before
+            if old % BS != 0 {
+                let idx = old / BS;
+                let new_len = self.layout.block_len(idx, new_size);
+                self.resize_block(idx, (old % BS) as usize, new_len)?;
+            }
+            let tail = (new_size % BS) as usize;
+            let tail_idx = new_size / BS;
+            if tail != 0 && tail_idx >= old_last {
+                // A new partial last block is written as real ciphertext of zeros.
+                self.resize_block(tail_idx, 0, tail)?;
+            }
+        }
+        rustix::fs::ftruncate(&self.fd, self.layout.backing_size(new_size))?;
+        self.size = new_size;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::fs::{Mode, OFlags};
+
+    fn new_content(suite: CipherSuite) -> (tempfile::TempDir, Content) {
+        let d = tempfile::tempdir().unwrap();
+        let fd = rustix::fs::open(d.path().join("f"), OFlags::RDWR | OFlags::CREATE, Mode::from_raw_mode(0o600)).unwrap();
+        let key = Arc::new(SecretKey::random().unwrap());
+        (d, Content::open(fd, suite, key).unwrap())
+    }
+
+    /// Random operations checked against a plain Vec model, for both suites.
+    #[test]
+    fn model_check() {
+        for suite in [CipherSuite::Aes256Gcm, CipherSuite::Aes256Xts] {
+            let (_d, mut c) = new_content(suite);
+            let mut model: Vec<u8> = Vec::new();
+            let mut seed = 0x1234_5678_9abc_def0u64;
+            let mut rnd = |m: u64| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed % m
+            };
+            for step in 0..600 {
+                match rnd(4) {
+                    0 | 1 => {
+                        let off = rnd(40_000);
+                        let len = 1 + rnd(if rnd(5) == 0 { 300_000 } else { 9000 }) as usize;
+                        let val = (step % 251) as u8 + 1;
+                        let data = vec![val; len];
+                        c.write(off, &data).unwrap();
+                        let end = off as usize + len;
+                        if model.len() < end {
+                            model.resize(end, 0);
+                        }
+                        model[off as usize..end].copy_from_slice(&data);
+                    }
+                    2 => {
+                        let n = rnd(60_000);
+                        c.truncate(n).unwrap();
+                        model.resize(n as usize, 0);
+                    }
+                    _ => {}
+                }
+                assert_eq!(c.size(), model.len() as u64, "{suite:?} step {step}");
+                let off = rnd(model.len() as u64 + 10);
+                let len = rnd(20_000) as usize;
+                let got = c.read(off, len).unwrap();
+                let s = (off as usize).min(model.len());
+                let e = (off as usize + len).min(model.len());
+                assert_eq!(got, &model[s..e], "{suite:?} step {step} read {off}+{len}");
+                let len_on_disk = rustix::fs::fstat(c.fd()).unwrap().st_size as u64;
+                assert_eq!(len_on_disk, Layout::new(suite.overhead()).backing_size(model.len() as u64));
+            }
+            let all = c.read(0, model.len() + 1).unwrap();
+            assert_eq!(all, model);
+        }
+    }
+
+    #[test]
+    fn sparse_reads_zero_and_reopen() {
+        let (d, mut c) = new_content(CipherSuite::Aes256Gcm);
+        c.write(10 * BS + 5, b"end").unwrap();
+        assert_eq!(c.read(0, 10).unwrap(), vec![0u8; 10]);
+        assert_eq!(c.read(10 * BS + 5, 3).unwrap(), b"end");
+        let key = Arc::clone(&c.contents_key);
+        drop(c);
+        let fd = rustix::fs::open(d.path().join("f"), OFlags::RDWR, Mode::empty()).unwrap();
+        let c2 = Content::open(fd, CipherSuite::Aes256Gcm, key).unwrap();
+        assert_eq!(c2.size(), 10 * BS + 8);
+        assert_eq!(c2.read(10 * BS, 8).unwrap(), b"\0\0\0\0\0end");
+    }
+
+    #[test]
+    fn corruption_is_an_error() {
+        let (d, mut c) = new_content(CipherSuite::Aes256Gcm);
+        c.write(0, &vec![7u8; 3 * BLOCK_SIZE]).unwrap();
+        // Flip a byte in block 1 through a second descriptor.
+        let f = rustix::fs::open(d.path().join("f"), OFlags::RDWR, Mode::empty()).unwrap();
+        let off = Layout::new(28).block_offset(1) + 100;
+        let mut b = [0u8; 1];
+        rustix::io::pread(&f, &mut b[..], off).unwrap();
+        b[0] ^= 0x40;
+        rustix::io::pwrite(&f, &b, off).unwrap();
+        assert!(matches!(c.read(BS, 10), Err(ContentError::Auth { block: 1 })));
+        assert_eq!(c.read(0, 10).unwrap(), vec![7u8; 10]);
+        assert!(c.read(0, 3 * BLOCK_SIZE).is_err());
+    }
+}
