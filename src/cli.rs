@@ -41,7 +41,10 @@ pub struct CliError {
 
 impl CliError {
     pub fn new(code: i32, message: impl Into<String>) -> Self {
-        CliError { code, message: message.into() }
+        CliError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -72,7 +75,10 @@ fn read_secret_file(path: &Path) -> Result<SecretBytes, CliError> {
     let bytes = SecretBytes::new(buf);
     r.map_err(|e| CliError::new(exit::KEY_FILE, format!("{}: {e}", path.display())))?;
     if bytes.expose_secret().len() > 65536 {
-        return Err(CliError::new(exit::KEY_FILE, format!("{}: larger than 64 KiB", path.display())));
+        return Err(CliError::new(
+            exit::KEY_FILE,
+            format!("{}: larger than 64 KiB", path.display()),
+        ));
     }
     Ok(bytes)
 }
@@ -92,7 +98,10 @@ pub fn passphrase_file(path: &Path) -> Result<Secret, CliError> {
     let s = s.strip_suffix(b"\n").unwrap_or(s);
     let s = s.strip_suffix(b"\r").unwrap_or(s);
     if s.is_empty() {
-        return Err(CliError::new(exit::KEY_FILE, format!("{}: passphrase is empty", path.display())));
+        return Err(CliError::new(
+            exit::KEY_FILE,
+            format!("{}: passphrase is empty", path.display()),
+        ));
     }
     Ok(Secret::Passphrase(SecretBytes::new(s.to_vec())))
 }
@@ -130,7 +139,10 @@ pub fn secret_from_args(
     confirm: bool,
 ) -> Result<Secret, CliError> {
     match (key_file_arg, passphrase_arg) {
-        (Some(_), Some(_)) => Err(CliError::new(exit::USAGE, "give --key-file or --passphrase-file, not both")),
+        (Some(_), Some(_)) => Err(CliError::new(
+            exit::USAGE,
+            "give --key-file or --passphrase-file, not both",
+        )),
         (Some(k), None) => key_file(k),
         (None, Some(p)) => passphrase_file(p),
         (None, None) => prompt_passphrase("Passphrase: ", confirm),

@@ -81,7 +81,14 @@ impl Content {
         let layout = Layout::new(suite.overhead());
         let len = rustix::fs::fstat(&fd)?.st_size as u64;
         let size = layout.plain_size_lossy(len);
-        let mut c = Content { fd, suite, layout, contents_key, cipher: None, size };
+        let mut c = Content {
+            fd,
+            suite,
+            layout,
+            contents_key,
+            cipher: None,
+            size,
+        };
         if len > 0 {
             c.load_header()?;
         }
@@ -94,6 +101,14 @@ impl Content {
 
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
+    }
+
+    /// The backing file's path, for log lines (the encrypted name says nothing secret).
+    pub fn backing_path(&self) -> String {
+        use rustix::fd::AsRawFd;
+        std::fs::read_link(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "?".into())
     }
 
     fn load_header(&mut self) -> Result<()> {
@@ -123,7 +138,9 @@ impl Content {
     }
 
     fn cipher(&self) -> Result<&dyn ContentCipher> {
-        self.cipher.as_deref().ok_or_else(|| ContentError::Corrupt("missing header".into()))
+        self.cipher
+            .as_deref()
+            .ok_or_else(|| ContentError::Corrupt("missing header".into()))
     }
 
     /// Decrypts the on-disk bytes of consecutive blocks starting at `first` into `out`
@@ -135,14 +152,17 @@ impl Content {
         for (i, (d, o)) in disk.chunks(dbs).zip(out.chunks_mut(BLOCK_SIZE)).enumerate() {
             let block = first + i as u64;
             if d.len() != o.len() + oh {
-                return Err(ContentError::Corrupt(format!("block {block} has a bad length")));
+                return Err(ContentError::Corrupt(format!(
+                    "block {block} has a bad length"
+                )));
             }
             // Only a full block can be a hole: a partial last block is always written for real.
             if d.len() == dbs && d.iter().all(|&b| b == 0) {
                 o.fill(0);
                 continue;
             }
-            c.open(block, d, o).map_err(|_| ContentError::Auth { block })?;
+            c.open(block, d, o)
+                .map_err(|_| ContentError::Auth { block })?;
         }
         Ok(())
     }
@@ -155,7 +175,10 @@ impl Content {
         let mut disk = vec![0u8; disk_len];
         let got = pread_exact(&self.fd, &mut disk, self.layout.block_offset(first))?;
         if got != disk_len {
-            return Err(ContentError::Corrupt(format!("short read at block {first}")));
+            let bad = first + got as u64 / self.layout.disk_block();
+            return Err(ContentError::Corrupt(format!(
+                "block {bad} truncated on disk"
+            )));
         }
         let mut out = vec![0u8; plain_len];
         self.open_blocks(first, &disk, &mut out)?;
@@ -170,7 +193,8 @@ impl Content {
         let end = (off + len as u64).min(self.size);
         let first = blocks::block_of(off);
         let last = blocks::block_of(end - 1);
-        let plain_len = (self.layout.block_len(last, self.size) as u64 + (last - first) * BS) as usize;
+        let plain_len =
+            (self.layout.block_len(last, self.size) as u64 + (last - first) * BS) as usize;
         let mut buf = self.read_blocks(first, plain_len)?;
         let skip = blocks::offset_in_block(off);
         buf.truncate(skip + (end - off) as usize);
@@ -181,10 +205,16 @@ impl Content {
     /// Re-encrypts block `index` (currently `old_len` bytes long) with length `new_len`, zero-
     /// padding when it grows. Used where the file's end moves.
     fn resize_block(&mut self, index: u64, old_len: usize, new_len: usize) -> Result<()> {
-        let mut plain = if old_len > 0 { self.read_blocks(index, old_len)? } else { Vec::new() };
+        let mut plain = if old_len > 0 {
+            self.read_blocks(index, old_len)?
+        } else {
+            Vec::new()
+        };
         plain.resize(new_len, 0);
         let mut disk = vec![0u8; new_len + self.layout.overhead()];
-        self.cipher()?.seal(index, &plain, &mut disk).map_err(|e| ContentError::Corrupt(e.to_string()))?;
+        self.cipher()?
+            .seal(index, &plain, &mut disk)
+            .map_err(|e| ContentError::Corrupt(e.to_string()))?;
         pwrite_all(&self.fd, &disk, self.layout.block_offset(index))
     }
 
@@ -202,7 +232,9 @@ impl Content {
         if data.is_empty() {
             return Ok(0);
         }
-        let end = off.checked_add(data.len() as u64).ok_or(ContentError::TooLarge)?;
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or(ContentError::TooLarge)?;
         if end > MAX_FILE_SIZE {
             return Err(ContentError::TooLarge);
         }
@@ -228,7 +260,11 @@ impl Content {
         }
         // Old contents of a partially overwritten last block (if distinct from the first).
         let tail_block_start = last * BS;
-        if end < (last + 1) * BS && tail_block_start < old_size && end < old_size && (last != first || head == 0) {
+        if end < (last + 1) * BS
+            && tail_block_start < old_size
+            && end < old_size
+            && (last != first || head == 0)
+        {
             let l = self.layout.block_len(last, old_size);
             let old = self.read_blocks(last, l)?;
             let at = (tail_block_start - span_start) as usize;
@@ -248,7 +284,8 @@ impl Content {
         let mut disk = vec![0u8; plain.len() + n_blocks * oh];
         let dbs = self.layout.disk_block() as usize;
         let work = |(i, (p, d)): (usize, (&[u8], &mut [u8]))| {
-            c.seal(first + i as u64, p, d).map_err(|e| ContentError::Corrupt(e.to_string()))
+            c.seal(first + i as u64, p, d)
+                .map_err(|e| ContentError::Corrupt(e.to_string()))
         };
         // Large requests: split the crypto across two threads.
         if n_blocks >= 64 {
@@ -262,12 +299,20 @@ impl Content {
                         .enumerate()
                         .try_for_each(|(i, x)| work((i + half_blocks, x)))
                 });
-                pa.chunks(BLOCK_SIZE).zip(da.chunks_mut(dbs)).enumerate().try_for_each(work)?;
-                h.join().map_err(|_| ContentError::Corrupt("crypto thread panicked".into()))?
+                pa.chunks(BLOCK_SIZE)
+                    .zip(da.chunks_mut(dbs))
+                    .enumerate()
+                    .try_for_each(work)?;
+                h.join()
+                    .map_err(|_| ContentError::Corrupt("crypto thread panicked".into()))?
             });
             r?;
         } else {
-            plain.chunks(BLOCK_SIZE).zip(disk.chunks_mut(dbs)).enumerate().try_for_each(work)?;
+            plain
+                .chunks(BLOCK_SIZE)
+                .zip(disk.chunks_mut(dbs))
+                .enumerate()
+                .try_for_each(work)?;
         }
         pwrite_all(&self.fd, &disk, self.layout.block_offset(first))
     }
@@ -323,7 +368,12 @@ mod tests {
 
     fn new_content(suite: CipherSuite) -> (tempfile::TempDir, Content) {
         let d = tempfile::tempdir().unwrap();
-        let fd = rustix::fs::open(d.path().join("f"), OFlags::RDWR | OFlags::CREATE, Mode::from_raw_mode(0o600)).unwrap();
+        let fd = rustix::fs::open(
+            d.path().join("f"),
+            OFlags::RDWR | OFlags::CREATE,
+            Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
         let key = Arc::new(SecretKey::random().unwrap());
         (d, Content::open(fd, suite, key).unwrap())
     }
@@ -370,7 +420,10 @@ mod tests {
                 let e = (off as usize + len).min(model.len());
                 assert_eq!(got, &model[s..e], "{suite:?} step {step} read {off}+{len}");
                 let len_on_disk = rustix::fs::fstat(c.fd()).unwrap().st_size as u64;
-                assert_eq!(len_on_disk, Layout::new(suite.overhead()).backing_size(model.len() as u64));
+                assert_eq!(
+                    len_on_disk,
+                    Layout::new(suite.overhead()).backing_size(model.len() as u64)
+                );
             }
             let all = c.read(0, model.len() + 1).unwrap();
             assert_eq!(all, model);
@@ -402,7 +455,10 @@ mod tests {
         rustix::io::pread(&f, &mut b[..], off).unwrap();
         b[0] ^= 0x40;
         rustix::io::pwrite(&f, &b, off).unwrap();
-        assert!(matches!(c.read(BS, 10), Err(ContentError::Auth { block: 1 })));
+        assert!(matches!(
+            c.read(BS, 10),
+            Err(ContentError::Auth { block: 1 })
+        ));
         assert_eq!(c.read(0, 10).unwrap(), vec![7u8; 10]);
         assert!(c.read(0, 3 * BLOCK_SIZE).is_err());
     }

@@ -109,8 +109,14 @@ pub struct DirEntryOut {
 }
 
 enum Handle {
-    File { inode: Arc<Inode>, content: Arc<RwLock<Content>> },
-    Dir { inode: Arc<Inode>, entries: Mutex<Vec<DirEntryOut>> },
+    File {
+        inode: Arc<Inode>,
+        content: Arc<RwLock<Content>>,
+    },
+    Dir {
+        inode: Arc<Inode>,
+        entries: Mutex<Vec<DirEntryOut>>,
+    },
 }
 
 pub struct Options {
@@ -149,7 +155,11 @@ fn b64url() -> base64::engine::GeneralPurpose {
 
 impl VaultFs {
     pub fn new(cipherdir: &Path, keys: VaultKeys, opts: Options) -> std::io::Result<VaultFs> {
-        let fd = rustix::fs::open(cipherdir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        let fd = rustix::fs::open(
+            cipherdir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         let st = rustix::fs::fstat(&fd)?;
         let fs = VaultFs {
             suite: keys.suite,
@@ -198,7 +208,13 @@ impl VaultFs {
         if let Some(iv) = dir.diriv.get() {
             return Ok(*iv);
         }
-        let f = rustix::fs::openat(&dir.fd, DIRIV_FILE, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+        let f = rustix::fs::openat(
+            &dir.fd,
+            DIRIV_FILE,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
             error!(dir = dir.ino, "directory IV file unreadable: {e}");
             libc::EIO
         })?;
@@ -214,10 +230,13 @@ impl VaultFs {
 
     fn backing_name(&self, dir: &Inode, name: &OsStr) -> FsResult<BackingName> {
         let iv = self.diriv(dir)?;
-        let enc = self.names.encrypt(&iv, name.as_bytes()).map_err(|e| match e {
-            names::NameError::TooLong => libc::ENAMETOOLONG,
-            _ => libc::EINVAL,
-        })?;
+        let enc = self
+            .names
+            .encrypt(&iv, name.as_bytes())
+            .map_err(|e| match e {
+                names::NameError::TooLong => libc::ENAMETOOLONG,
+                _ => libc::EINVAL,
+            })?;
         Ok(names::backing_name(enc))
     }
 
@@ -225,7 +244,9 @@ impl VaultFs {
         let kind = Kind::from_mode(st.st_mode);
         let size = match kind {
             Kind::File => self.layout.plain_size_lossy(st.st_size as u64),
-            Kind::Symlink => fd.and_then(|fd| self.read_symlink_fd(fd).ok()).map_or(0, |t| t.len() as u64),
+            Kind::Symlink => fd
+                .and_then(|fd| self.read_symlink_fd(fd).ok())
+                .map_or(0, |t| t.len() as u64),
             _ => st.st_size as u64,
         };
         Attr {
@@ -245,7 +266,12 @@ impl VaultFs {
     }
 
     fn stat_inode(&self, inode: &Inode) -> FsResult<Attr> {
-        let st = rustix::fs::statat(&inode.fd, "", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(en)?;
+        let st = rustix::fs::statat(
+            &inode.fd,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(en)?;
         let mut a = self.attr_of(&st, Some(inode.fd.as_fd()));
         // An open file's size is the one its content state keeps.
         if let Some((_, c)) = inode.content.lock().as_ref() {
@@ -256,7 +282,8 @@ impl VaultFs {
 
     /// Registers a looked-up backing object (new O_PATH fd) and counts the lookup.
     fn remember(&self, fd: OwnedFd) -> FsResult<Attr> {
-        let st = rustix::fs::statat(&fd, "", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(en)?;
+        let st = rustix::fs::statat(&fd, "", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(en)?;
         let ino = self.node_id(st.st_ino);
         let mut table = self.inodes.write();
         let inode = table.entry(ino).or_insert_with(|| {
@@ -276,7 +303,13 @@ impl VaultFs {
     }
 
     fn open_child(&self, dir: &Inode, bn: &str) -> FsResult<OwnedFd> {
-        rustix::fs::openat(&dir.fd, bn, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(en)
+        rustix::fs::openat(
+            &dir.fd,
+            bn,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(en)
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
@@ -292,7 +325,9 @@ impl VaultFs {
         }
         let mut table = self.inodes.write();
         if let Some(i) = table.get(&ino) {
-            let prev = i.nlookup.fetch_sub(n.min(i.nlookup.load(Ordering::Relaxed)), Ordering::Relaxed);
+            let prev = i
+                .nlookup
+                .fetch_sub(n.min(i.nlookup.load(Ordering::Relaxed)), Ordering::Relaxed);
             if prev <= n {
                 table.remove(&ino);
             }
@@ -324,13 +359,22 @@ impl VaultFs {
 
     fn remove_long_side(&self, dir: &Inode, bn: &BackingName) {
         if let BackingName::Long { name, .. } = bn {
-            let _ = rustix::fs::unlinkat(&dir.fd, names::long_side_file(name).as_str(), AtFlags::empty());
+            let _ = rustix::fs::unlinkat(
+                &dir.fd,
+                names::long_side_file(name).as_str(),
+                AtFlags::empty(),
+            );
         }
     }
 
     fn fsync_dir(&self, dir: &Inode) -> FsResult<()> {
-        let d = rustix::fs::openat(&dir.fd, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(en)?;
+        let d = rustix::fs::openat(
+            &dir.fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(en)?;
         rustix::fs::fsync(&d).map_err(en)
     }
 
@@ -340,7 +384,11 @@ impl VaultFs {
             return Ok(());
         }
         let pst = rustix::fs::statat(&dir.fd, "", AtFlags::EMPTY_PATH).map_err(en)?;
-        let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            caller.gid
+        };
         rustix::fs::chownat(
             fd,
             "",
@@ -359,7 +407,15 @@ impl VaultFs {
     }
 
     /// Creates and opens a regular file.
-    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, flags: i32, caller: Caller) -> FsResult<(Attr, u64)> {
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> FsResult<(Attr, u64)> {
         self.check_writable()?;
         let dir = self.inode(parent)?;
         let bn = self.backing_name(&dir, name)?;
@@ -369,7 +425,8 @@ impl VaultFs {
             of |= OFlags::EXCL;
         }
         let perm = mode & !umask & 0o7777;
-        let file = rustix::fs::openat(&dir.fd, bn.name(), of, Mode::from_raw_mode(perm)).map_err(en)?;
+        let file =
+            rustix::fs::openat(&dir.fd, bn.name(), of, Mode::from_raw_mode(perm)).map_err(en)?;
         self.chown_new(&dir, file.as_fd(), caller)?;
         let attr = self.remember(self.open_child(&dir, bn.name())?)?;
         let fh = self.open_inode(attr.ino, Some(file), flags)?;
@@ -392,14 +449,24 @@ impl VaultFs {
                     let fd = match already {
                         Some(fd) => fd,
                         None => {
-                            let rw = if self.opts.read_only { OFlags::RDONLY } else { OFlags::RDWR };
-                            rustix::fs::open(inode.proc_path().as_str(), rw | OFlags::CLOEXEC, Mode::empty()).map_err(en)?
+                            let rw = if self.opts.read_only {
+                                OFlags::RDONLY
+                            } else {
+                                OFlags::RDWR
+                            };
+                            rustix::fs::open(
+                                inode.proc_path().as_str(),
+                                rw | OFlags::CLOEXEC,
+                                Mode::empty(),
+                            )
+                            .map_err(en)?
                         }
                     };
-                    let c = Content::open(fd, self.suite, Arc::clone(&self.contents)).map_err(|e| {
-                        error!(ino, "cannot open file contents: {e}");
-                        ce(e)
-                    })?;
+                    let c =
+                        Content::open(fd, self.suite, Arc::clone(&self.contents)).map_err(|e| {
+                            error!(ino, "cannot open file contents: {e}");
+                            ce(e)
+                        })?;
                     let c = Arc::new(RwLock::new(c));
                     *slot = Some((1, Arc::clone(&c)));
                     c
@@ -410,7 +477,9 @@ impl VaultFs {
             content.write().truncate(0).map_err(ce)?;
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().insert(fh, Arc::new(Handle::File { inode, content }));
+        self.handles
+            .write()
+            .insert(fh, Arc::new(Handle::File { inode, content }));
         Ok(fh)
     }
 
@@ -434,9 +503,9 @@ impl VaultFs {
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
         let (inode, c) = self.file_content(fh)?;
-        let r = c.read().read(off, size as usize);
-        r.map_err(|e| {
-            error!(ino = inode.ino, offset = off, "read failed: {e}");
+        let c = c.read();
+        c.read(off, size as usize).map_err(|e| {
+            error!(ino = inode.ino, offset = off, file = %c.backing_path(), "read failed: {e}");
             ce(e)
         })
     }
@@ -444,9 +513,9 @@ impl VaultFs {
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
         self.check_writable()?;
         let (inode, c) = self.file_content(fh)?;
-        let r = c.write().write(off, data);
-        r.map(|n| n as u32).map_err(|e| {
-            error!(ino = inode.ino, offset = off, "write failed: {e}");
+        let mut c = c.write();
+        c.write(off, data).map(|n| n as u32).map_err(|e| {
+            error!(ino = inode.ino, offset = off, file = %c.backing_path(), "write failed: {e}");
             ce(e)
         })
     }
@@ -491,7 +560,12 @@ impl VaultFs {
         let from = self.layout.block_offset(off / 4096);
         let to = self.layout.backing_size(end);
         if to > from {
-            let _ = rustix::fs::fallocate(c.fd(), rustix::fs::FallocateFlags::KEEP_SIZE, from, to - from);
+            let _ = rustix::fs::fallocate(
+                c.fd(),
+                rustix::fs::FallocateFlags::KEEP_SIZE,
+                from,
+                to - from,
+            );
         }
         Ok(())
     }
@@ -515,7 +589,8 @@ impl VaultFs {
             if inode.kind == Kind::Symlink {
                 return Err(libc::EOPNOTSUPP);
             }
-            rustix::fs::chmod(inode.proc_path().as_str(), Mode::from_raw_mode(m & 0o7777)).map_err(en)?;
+            rustix::fs::chmod(inode.proc_path().as_str(), Mode::from_raw_mode(m & 0o7777))
+                .map_err(en)?;
         }
         if uid.is_some() || gid.is_some() {
             rustix::fs::chownat(
@@ -538,9 +613,14 @@ impl VaultFs {
             match content {
                 Some(c) => c.write().truncate(sz).map_err(ce)?,
                 None => {
-                    let fd = rustix::fs::open(inode.proc_path().as_str(), OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
-                        .map_err(en)?;
-                    let mut c = Content::open(fd, self.suite, Arc::clone(&self.contents)).map_err(ce)?;
+                    let fd = rustix::fs::open(
+                        inode.proc_path().as_str(),
+                        OFlags::RDWR | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(en)?;
+                    let mut c =
+                        Content::open(fd, self.suite, Arc::clone(&self.contents)).map_err(ce)?;
                     c.truncate(sz).map_err(ce)?;
                 }
             }
@@ -548,10 +628,19 @@ impl VaultFs {
         if atime.is_some() || mtime.is_some() {
             let conv = |t: Option<Option<SystemTime>>| -> rustix::fs::Timespec {
                 match t {
-                    None => rustix::fs::Timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-                    Some(None) => rustix::fs::Timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                    None => rustix::fs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                    Some(None) => rustix::fs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_NOW,
+                    },
                     Some(Some(t)) => match t.duration_since(SystemTime::UNIX_EPOCH) {
-                        Ok(d) => rustix::fs::Timespec { tv_sec: d.as_secs() as i64, tv_nsec: i64::from(d.subsec_nanos()) },
+                        Ok(d) => rustix::fs::Timespec {
+                            tv_sec: d.as_secs() as i64,
+                            tv_nsec: i64::from(d.subsec_nanos()),
+                        },
                         Err(e) => {
                             let d = e.duration();
                             let mut s = -(d.as_secs() as i64);
@@ -560,22 +649,41 @@ impl VaultFs {
                                 s -= 1;
                                 n = 1_000_000_000 - n;
                             }
-                            rustix::fs::Timespec { tv_sec: s, tv_nsec: n }
+                            rustix::fs::Timespec {
+                                tv_sec: s,
+                                tv_nsec: n,
+                            }
                         }
                     },
                 }
             };
-            let times = rustix::fs::Timestamps { last_access: conv(atime), last_modification: conv(mtime) };
+            let times = rustix::fs::Timestamps {
+                last_access: conv(atime),
+                last_modification: conv(mtime),
+            };
             if inode.kind == Kind::Symlink {
                 // No way to reach a symlink itself through its O_PATH descriptor; not supported.
                 return Err(libc::EOPNOTSUPP);
             }
-            rustix::fs::utimensat(rustix::fs::CWD, inode.proc_path().as_str(), &times, AtFlags::empty()).map_err(en)?;
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                inode.proc_path().as_str(),
+                &times,
+                AtFlags::empty(),
+            )
+            .map_err(en)?;
         }
         self.stat_inode(&inode)
     }
 
-    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, caller: Caller) -> FsResult<Attr> {
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
         self.check_writable()?;
         let dir = self.inode(parent)?;
         let bn = self.backing_name(&dir, name)?;
@@ -584,12 +692,22 @@ impl VaultFs {
         let tmp = format!("{RESERVED_PREFIX}tmp.{}", random_hex());
         rustix::fs::mkdirat(&dir.fd, tmp.as_str(), Mode::from_raw_mode(0o700)).map_err(en)?;
         let result = (|| {
-            let nd = rustix::fs::openat(&dir.fd, tmp.as_str(), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(en)?;
+            let nd = rustix::fs::openat(
+                &dir.fd,
+                tmp.as_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(en)?;
             let mut iv = [0u8; DIRIV_LEN];
             getrandom::getrandom(&mut iv).map_err(|_| libc::EIO)?;
-            let f = rustix::fs::openat(&nd, DIRIV_FILE, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC, Mode::from_raw_mode(0o400))
-                .map_err(en)?;
+            let f = rustix::fs::openat(
+                &nd,
+                DIRIV_FILE,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o400),
+            )
+            .map_err(en)?;
             rustix::io::write(&f, &iv).map_err(en)?;
             rustix::fs::fsync(&f).map_err(en)?;
             rustix::fs::fsync(&nd).map_err(en)?;
@@ -601,18 +719,37 @@ impl VaultFs {
             rustix::fs::fchmod(&nd, Mode::from_raw_mode(perm)).map_err(en)?;
             self.chown_new(&dir, nd.as_fd(), caller)?;
             self.write_long_side(&dir, &bn)?;
-            rustix::fs::renameat_with(&dir.fd, tmp.as_str(), &dir.fd, bn.name(), RenameFlags::NOREPLACE).map_err(en)?;
+            rustix::fs::renameat_with(
+                &dir.fd,
+                tmp.as_str(),
+                &dir.fd,
+                bn.name(),
+                RenameFlags::NOREPLACE,
+            )
+            .map_err(en)?;
             self.fsync_dir(&dir)
         })();
         if let Err(e) = result {
-            let _ = rustix::fs::unlinkat(&dir.fd, format!("{tmp}/{DIRIV_FILE}").as_str(), AtFlags::empty());
+            let _ = rustix::fs::unlinkat(
+                &dir.fd,
+                format!("{tmp}/{DIRIV_FILE}").as_str(),
+                AtFlags::empty(),
+            );
             let _ = rustix::fs::unlinkat(&dir.fd, tmp.as_str(), AtFlags::REMOVEDIR);
             return Err(e);
         }
         self.remember(self.open_child(&dir, bn.name())?)
     }
 
-    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32, caller: Caller) -> FsResult<Attr> {
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
         self.check_writable()?;
         let kind = Kind::from_mode(mode);
         if kind == Kind::File {
@@ -624,14 +761,26 @@ impl VaultFs {
         let bn = self.backing_name(&dir, name)?;
         self.write_long_side(&dir, &bn)?;
         let ft = rustix::fs::FileType::from_raw_mode(mode);
-        rustix::fs::mknodat(&dir.fd, bn.name(), ft, Mode::from_raw_mode(mode & !umask & 0o7777), u64::from(rdev))
-            .map_err(en)?;
+        rustix::fs::mknodat(
+            &dir.fd,
+            bn.name(),
+            ft,
+            Mode::from_raw_mode(mode & !umask & 0o7777),
+            u64::from(rdev),
+        )
+        .map_err(en)?;
         let fd = self.open_child(&dir, bn.name())?;
         self.chown_new(&dir, fd.as_fd(), caller)?;
         self.remember(fd)
     }
 
-    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> FsResult<Attr> {
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+        caller: Caller,
+    ) -> FsResult<Attr> {
         self.check_writable()?;
         let dir = self.inode(parent)?;
         let bn = self.backing_name(&dir, name)?;
@@ -688,8 +837,13 @@ impl VaultFs {
         self.check_writable()?;
         let dir = self.inode(parent)?;
         let bn = self.backing_name(&dir, name)?;
-        let child = rustix::fs::openat(&dir.fd, bn.name(), OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-            .map_err(en)?;
+        let child = rustix::fs::openat(
+            &dir.fd,
+            bn.name(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(en)?;
         for e in rustix::fs::Dir::read_from(&child).map_err(en)? {
             let e = e.map_err(en)?;
             let n = e.file_name().to_bytes();
@@ -711,7 +865,14 @@ impl VaultFs {
         Ok(())
     }
 
-    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> FsResult<()> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
         self.check_writable()?;
         let from_dir = self.inode(parent)?;
         let to_dir = self.inode(newparent)?;
@@ -719,7 +880,8 @@ impl VaultFs {
         let to = self.backing_name(&to_dir, newname)?;
         let rf = RenameFlags::from_bits(flags).ok_or(libc::EINVAL)?;
         self.write_long_side(&to_dir, &to)?;
-        rustix::fs::renameat_with(&from_dir.fd, from.name(), &to_dir.fd, to.name(), rf).map_err(en)?;
+        rustix::fs::renameat_with(&from_dir.fd, from.name(), &to_dir.fd, to.name(), rf)
+            .map_err(en)?;
         if !rf.contains(RenameFlags::EXCHANGE) {
             self.remove_long_side(&from_dir, &from);
         }
@@ -734,13 +896,25 @@ impl VaultFs {
         // Listed at the first readdir (offset 0), and again on every rewind.
         self.diriv(&inode)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().insert(fh, Arc::new(Handle::Dir { inode, entries: Mutex::new(Vec::new()) }));
+        self.handles.write().insert(
+            fh,
+            Arc::new(Handle::Dir {
+                inode,
+                entries: Mutex::new(Vec::new()),
+            }),
+        );
         Ok(fh)
     }
 
     fn list_dir(&self, dir: &Inode) -> FsResult<Vec<DirEntryOut>> {
         let iv = self.diriv(dir)?;
-        let d = rustix::fs::openat(&dir.fd, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(en)?;
+        let d = rustix::fs::openat(
+            &dir.fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(en)?;
         let mut out = Vec::new();
         for e in rustix::fs::Dir::read_from(&d).map_err(en)? {
             let e = e.map_err(en)?;
@@ -772,7 +946,13 @@ impl VaultFs {
     }
 
     fn read_long_side(&self, d: &OwnedFd, n: &str) -> Option<String> {
-        let f = rustix::fs::openat(d, names::long_side_file(n).as_str(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+        let f = rustix::fs::openat(
+            d,
+            names::long_side_file(n).as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
         let mut buf = vec![0u8; 4096];
         let len = rustix::io::read(&f, &mut buf[..]).ok()?;
         buf.truncate(len);
@@ -786,9 +966,16 @@ impl VaultFs {
     }
 
     /// Entries from index `offset` on; `refresh` re-reads the directory (rewinddir).
-    pub fn readdir<F: FnMut(u64, Kind, &OsStr, u64) -> bool>(&self, fh: u64, offset: u64, mut add: F) -> FsResult<()> {
+    pub fn readdir<F: FnMut(u64, Kind, &OsStr, u64) -> bool>(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: F,
+    ) -> FsResult<()> {
         let h = self.handle(fh)?;
-        let Handle::Dir { inode, entries } = &*h else { return Err(libc::ENOTDIR) };
+        let Handle::Dir { inode, entries } = &*h else {
+            return Err(libc::ENOTDIR);
+        };
         let mut entries = entries.lock();
         if offset == 0 {
             *entries = self.list_dir(inode)?;
@@ -826,7 +1013,13 @@ impl VaultFs {
 
     pub fn statfs(&self) -> FsResult<rustix::fs::StatVfs> {
         let root = self.inode(ROOT_INO)?;
-        let d = rustix::fs::openat(&root.fd, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(en)?;
+        let d = rustix::fs::openat(
+            &root.fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(en)?;
         rustix::fs::fstatvfs(&d).map_err(en)
     }
 
@@ -834,7 +1027,9 @@ impl VaultFs {
 
     fn xattr_backing_name(&self, name: &OsStr) -> FsResult<String> {
         let n = name.as_bytes();
-        let Some(rest) = n.strip_prefix(b"user.") else { return Err(libc::EOPNOTSUPP) };
+        let Some(rest) = n.strip_prefix(b"user.") else {
+            return Err(libc::EOPNOTSUPP);
+        };
         let enc = self.names.encrypt_xattr(rest).map_err(|_| libc::EINVAL)?;
         let full = format!("{XATTR_PREFIX}{enc}");
         if full.len() > 255 {
@@ -882,13 +1077,19 @@ impl VaultFs {
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
         let inode = self.inode(ino)?;
-        let Ok(target) = self.xattr_target(&inode) else { return Ok(Vec::new()) };
+        let Ok(target) = self.xattr_target(&inode) else {
+            return Ok(Vec::new());
+        };
         let mut buf = vec![0u8; 65536];
         let n = rustix::fs::listxattr(target.as_str(), &mut buf[..]).map_err(en)?;
         let mut out = Vec::new();
         for raw in buf[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-            let Ok(s) = std::str::from_utf8(raw) else { continue };
-            let Some(enc) = s.strip_prefix(XATTR_PREFIX) else { continue };
+            let Ok(s) = std::str::from_utf8(raw) else {
+                continue;
+            };
+            let Some(enc) = s.strip_prefix(XATTR_PREFIX) else {
+                continue;
+            };
             if let Ok(plain) = self.names.decrypt_xattr(enc) {
                 out.extend_from_slice(b"user.");
                 out.extend_from_slice(&plain);

@@ -16,7 +16,11 @@ use vaultfs_core::cli::{self, exit, CliError};
 use vaultfs_core::vault::Vault;
 
 #[derive(Parser)]
-#[command(name = "vaultfs", version, about = "Mount a vaultfs encrypted directory")]
+#[command(
+    name = "vaultfs",
+    version,
+    about = "Mount a vaultfs encrypted directory"
+)]
 struct Args {
     /// A 32-byte raw key file.
     #[arg(long, value_name = "FILE")]
@@ -58,7 +62,11 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
     let mut writeback = true;
     let mut default_permissions = false;
     let mut fsname = None;
-    for opt in list.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+    for opt in list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
         match opt {
             "allow_other" => {
                 config.acl = fuser::SessionACL::All;
@@ -82,28 +90,51 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
             "dirsync" => config.mount_options.push(M::DirSync),
             "nowriteback" => writeback = false,
             o if o.starts_with("fsname=") => fsname = Some(o["fsname=".len()..].to_string()),
-            o => return Err(CliError::new(exit::USAGE, format!("unknown mount option {o:?}"))),
+            o => {
+                return Err(CliError::new(
+                    exit::USAGE,
+                    format!("unknown mount option {o:?}"),
+                ))
+            }
         }
     }
     if default_permissions {
         config.mount_options.push(M::DefaultPermissions);
     }
-    config.mount_options.push(if read_only { M::RO } else { M::RW });
-    config.mount_options.push(M::FSName(fsname.unwrap_or_else(|| cipherdir.display().to_string())));
+    config
+        .mount_options
+        .push(if read_only { M::RO } else { M::RW });
+    config.mount_options.push(M::FSName(
+        fsname.unwrap_or_else(|| cipherdir.display().to_string()),
+    ));
     config.mount_options.push(M::Subtype("vaultfs".into()));
-    Ok(MountOpts { config, read_only, writeback: writeback && !read_only })
+    Ok(MountOpts {
+        config,
+        read_only,
+        writeback: writeback && !read_only,
+    })
 }
 
 /// Everything up to a mounted session; errors carry their exit code.
 fn prepare(args: &Args) -> Result<(VaultFs, MountOpts), CliError> {
     if !args.cipherdir.is_dir() {
-        return Err(CliError::new(exit::CIPHERDIR, format!("{}: not a directory", args.cipherdir.display())));
+        return Err(CliError::new(
+            exit::CIPHERDIR,
+            format!("{}: not a directory", args.cipherdir.display()),
+        ));
     }
     if !args.mountpoint.is_dir() {
-        return Err(CliError::new(exit::MOUNTPOINT, format!("{}: not a directory", args.mountpoint.display())));
+        return Err(CliError::new(
+            exit::MOUNTPOINT,
+            format!("{}: not a directory", args.mountpoint.display()),
+        ));
     }
     let opts = parse_options(&args.options, &args.cipherdir)?;
-    let secret = cli::secret_from_args(args.key_file.as_deref(), args.passphrase_file.as_deref(), false)?;
+    let secret = cli::secret_from_args(
+        args.key_file.as_deref(),
+        args.passphrase_file.as_deref(),
+        false,
+    )?;
     let vault = Vault::unlock(&args.cipherdir, &secret)?;
     drop(secret);
     if !vault.suite().is_authenticated() {
@@ -111,21 +142,37 @@ fn prepare(args: &Args) -> Result<(VaultFs, MountOpts), CliError> {
     }
     let keys = vault.keys()?;
     drop(vault); // the master key is not needed while mounted
-    let fs = VaultFs::new(&args.cipherdir, keys, Options { read_only: opts.read_only })
-        .map_err(|e| CliError::new(exit::CIPHERDIR, format!("{}: {e}", args.cipherdir.display())))?;
+    let fs = VaultFs::new(
+        &args.cipherdir,
+        keys,
+        Options {
+            read_only: opts.read_only,
+        },
+    )
+    .map_err(|e| {
+        CliError::new(
+            exit::CIPHERDIR,
+            format!("{}: {e}", args.cipherdir.display()),
+        )
+    })?;
     Ok((fs, opts))
 }
 
 fn harden_process() {
     // No core dumps (they would hold keys), and room for one descriptor per cached inode.
-    if let Err(e) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
         warn!("cannot disable core dumps: {e}");
     }
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if let Some(max) = lim.maximum {
         let _ = rustix::process::setrlimit(
             rustix::process::Resource::Nofile,
-            rustix::process::Rlimit { current: Some(max), maximum: Some(max) },
+            rustix::process::Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            },
         );
     }
     // Created objects get exactly the mode the caller asked for (the caller's umask is applied
@@ -133,14 +180,26 @@ fn harden_process() {
     rustix::process::umask(rustix::fs::Mode::empty());
 }
 
-fn serve(fs: VaultFs, opts: MountOpts, mountpoint: &Path, threads: Option<usize>) -> Result<(), CliError> {
+fn serve(
+    fs: VaultFs,
+    opts: MountOpts,
+    mountpoint: &Path,
+    threads: Option<usize>,
+) -> Result<(), CliError> {
     let mut config = opts.config;
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     config.n_threads = Some(threads.unwrap_or((2 * cpus).max(4)).clamp(1, 64));
     config.clone_fd = true;
-    let adapter = Adapter { fs: Arc::new(fs), writeback: opts.writeback };
-    let mut session = fuser::Session::new(adapter, mountpoint, &config)
-        .map_err(|e| CliError::new(exit::MOUNT, format!("mounting {}: {e}", mountpoint.display())))?;
+    let adapter = Adapter {
+        fs: Arc::new(fs),
+        writeback: opts.writeback,
+    };
+    let mut session = fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
+        CliError::new(
+            exit::MOUNT,
+            format!("mounting {}: {e}", mountpoint.display()),
+        )
+    })?;
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -184,12 +243,18 @@ fn report_failure(pipe: Option<std::fs::File>, e: &CliError) {
 }
 
 fn redirect_stdio(log_file: Option<&Path>) -> std::io::Result<()> {
-    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     rustix::stdio::dup2_stdin(null.as_fd())?;
     rustix::stdio::dup2_stdout(null.as_fd())?;
     match log_file {
         Some(p) => {
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(p)?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)?;
             rustix::stdio::dup2_stderr(f.as_fd())?;
         }
         None => rustix::stdio::dup2_stderr(null.as_fd())?,
@@ -210,7 +275,11 @@ fn main() {
             a
         }
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             std::process::exit(code);
         }
@@ -274,7 +343,10 @@ fn main() {
             let _ = std::env::set_current_dir("/");
             let wr: std::fs::File = std::os::fd::OwnedFd::from(wr).into();
             if let Err(e) = redirect_stdio(args.log_file.as_deref()) {
-                report_failure(Some(wr), &CliError::new(exit::ERROR, format!("log file: {e}")));
+                report_failure(
+                    Some(wr),
+                    &CliError::new(exit::ERROR, format!("log file: {e}")),
+                );
                 std::process::exit(exit::ERROR);
             }
             if let Ok(mut g) = READY.lock() {

@@ -8,7 +8,11 @@ use vaultfs_core::vault::{NewProtector, Vault};
 use vaultfs_core::CipherSuite;
 
 #[derive(Parser)]
-#[command(name = "vaultctl", version, about = "Create vaultfs vaults and manage their protectors")]
+#[command(
+    name = "vaultctl",
+    version,
+    about = "Create vaultfs vaults and manage their protectors"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -99,17 +103,32 @@ enum ProtectorCmd {
 
 fn check_cipherdir(p: &Path) -> Result<(), CliError> {
     if !p.is_dir() {
-        return Err(CliError::new(exit::CIPHERDIR, format!("{}: not a directory", p.display())));
+        return Err(CliError::new(
+            exit::CIPHERDIR,
+            format!("{}: not a directory", p.display()),
+        ));
     }
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.cmd {
-        Cmd::Init { cipher, name, secret, kdf, json, cipherdir } => {
+        Cmd::Init {
+            cipher,
+            name,
+            secret,
+            kdf,
+            json,
+            cipherdir,
+        } => {
             check_cipherdir(&cipherdir)?;
-            let suite = CipherSuite::from_name(&cipher).ok_or_else(|| CliError::new(exit::USAGE, "unknown cipher"))?;
-            let s = cli::secret_from_args(secret.key_file.as_deref(), secret.passphrase_file.as_deref(), true)?;
+            let suite = CipherSuite::from_name(&cipher)
+                .ok_or_else(|| CliError::new(exit::USAGE, "unknown cipher"))?;
+            let s = cli::secret_from_args(
+                secret.key_file.as_deref(),
+                secret.passphrase_file.as_deref(),
+                true,
+            )?;
             let name = name.unwrap_or_else(|| {
                 std::fs::canonicalize(&cipherdir)
                     .ok()
@@ -120,7 +139,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 &cipherdir,
                 &name,
                 suite,
-                &NewProtector { secret: &s, label: None, argon2: (kdf.kdf_memory_kib, kdf.kdf_iterations, kdf.kdf_parallelism) },
+                &NewProtector {
+                    secret: &s,
+                    label: None,
+                    argon2: (kdf.kdf_memory_kib, kdf.kdf_iterations, kdf.kdf_parallelism),
+                },
             )?;
             if json {
                 println!(
@@ -136,7 +159,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     v.meta().cipher
                 );
                 if !suite.is_authenticated() {
-                    println!("Note: aes-256-xts gives confidentiality only; it cannot detect tampering.");
+                    println!(
+                        "Note: aes-256-xts gives confidentiality only; it cannot detect tampering."
+                    );
                 }
                 println!("Mount it with: vaultfs {} MOUNTPOINT", cipherdir.display());
             }
@@ -156,19 +181,40 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 } else {
                     println!("{:<18} {:<12} LABEL", "ID", "TYPE");
                     for p in &m.protectors {
-                        println!("{:<18} {:<12} {}", p.id, p.kind, p.label.as_deref().unwrap_or("-"));
+                        println!(
+                            "{:<18} {:<12} {}",
+                            p.id,
+                            p.kind,
+                            p.label.as_deref().unwrap_or("-")
+                        );
                     }
                 }
                 Ok(())
             }
-            ProtectorCmd::Add { cipherdir, secret, new_key_file, new_passphrase_file, label, kdf } => {
+            ProtectorCmd::Add {
+                cipherdir,
+                secret,
+                new_key_file,
+                new_passphrase_file,
+                label,
+                kdf,
+            } => {
                 check_cipherdir(&cipherdir)?;
-                let s = cli::secret_from_args(secret.key_file.as_deref(), secret.passphrase_file.as_deref(), false)?;
+                let s = cli::secret_from_args(
+                    secret.key_file.as_deref(),
+                    secret.passphrase_file.as_deref(),
+                    false,
+                )?;
                 let new = match (new_key_file, new_passphrase_file) {
                     (Some(k), None) => cli::key_file(&k)?,
                     (None, Some(p)) => cli::passphrase_file(&p)?,
                     (None, None) => cli::prompt_passphrase("New passphrase: ", true)?,
-                    _ => return Err(CliError::new(exit::USAGE, "give --new-key-file or --new-passphrase-file, not both")),
+                    _ => {
+                        return Err(CliError::new(
+                            exit::USAGE,
+                            "give --new-key-file or --new-passphrase-file, not both",
+                        ))
+                    }
                 };
                 let mut v = Vault::unlock(&cipherdir, &s)?;
                 let id = v.add_protector(&NewProtector {
@@ -179,9 +225,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 println!("{id}");
                 Ok(())
             }
-            ProtectorCmd::Remove { cipherdir, id, secret } => {
+            ProtectorCmd::Remove {
+                cipherdir,
+                id,
+                secret,
+            } => {
                 check_cipherdir(&cipherdir)?;
-                let s = cli::secret_from_args(secret.key_file.as_deref(), secret.passphrase_file.as_deref(), false)?;
+                let s = cli::secret_from_args(
+                    secret.key_file.as_deref(),
+                    secret.passphrase_file.as_deref(),
+                    false,
+                )?;
                 let mut v = Vault::unlock(&cipherdir, &s)?;
                 v.remove_protector(&id)?;
                 println!("Removed protector {id}.");
@@ -196,7 +250,11 @@ fn main() {
     let parsed = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             std::process::exit(code);
         }

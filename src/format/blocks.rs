@@ -58,14 +58,16 @@ impl Layout {
         Ok(full * BS + rem - self.overhead)
     }
 
-    /// Plaintext size, rounding a damaged tail down (for stat, which must not fail).
+    /// Plaintext size for stat, which must not fail. A damaged tail of `rem` bytes counts as
+    /// `rem` bytes of data, so that reading to the end reaches it and gets EIO instead of a
+    /// silently shorter file.
     pub fn plain_size_lossy(&self, len: u64) -> u64 {
         match self.plain_size(len) {
             Ok(s) => s,
             Err(SizeError::TruncatedHeader(_)) => 0,
             Err(SizeError::TruncatedBlock(rem)) => {
                 let body = len - HEADER_LEN as u64 - rem;
-                body / self.disk_block() * BS
+                body / self.disk_block() * BS + rem
             }
         }
     }
@@ -141,7 +143,7 @@ mod tests {
             GCM.plain_size(18 + 4124 + 3),
             Err(SizeError::TruncatedBlock(3))
         );
-        assert_eq!(GCM.plain_size_lossy(18 + 4124 + 3), 4096);
+        assert_eq!(GCM.plain_size_lossy(18 + 4124 + 3), 4096 + 3);
         assert_eq!(XTS.plain_size(19), Ok(1));
     }
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what vaultfs needs to build, run and test on Debian 12 (run as root).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+PKGS=(fuse3 pkg-config libssl-dev build-essential attr e2fsprogs util-linux)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo not found: install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+# The fsx file-system exerciser (crates.io), used by the test suite.
+if [ "${1:-}" = "--test" ] && ! command -v fsx >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/fsx" ]; then
+  cargo install --quiet --locked fsx
+fi
