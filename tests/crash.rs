@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! kill -9 of vaultfs in the middle of writes, then remount: other files and the directory tree
 //! read back intact, and the synced part of the file being written too.
 mod common;
@@ -19,7 +20,7 @@ fn daemon_pid(mnt: &std::path::Path) -> i32 {
         };
         let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
         let is_vaultfs = args.first().is_some_and(|a| a.ends_with(b"/vaultfs"));
-        if is_vaultfs && args.iter().any(|a| *a == m.as_bytes()) {
+        if is_vaultfs && args.contains(&m.as_bytes()) {
             return pid;
         }
     }

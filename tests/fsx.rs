@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The fsx file-system exerciser (crates.io `fsx`) on real mounts, fixed seeds, both suites.
 mod common;
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Golden vaults of format v1 (made once by tests/golden/make.sh and committed): every later
 //! build must keep mounting and reading them.
 mod common;

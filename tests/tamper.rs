@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Tampering with the ciphertext directory: with aes-256-gcm every case below reads as EIO (with
 //! a log line naming the file and block), never as wrong plaintext; a tampered metadata file is
 //! refused at mount. And nothing readable leaks into the ciphertext directory.

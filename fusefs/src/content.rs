@@ -243,7 +243,7 @@ impl Content {
         let last = blocks::block_of(end - 1);
         let old_size = self.size;
         // Growing past a partial last block that this write does not cover: complete it first.
-        if old_size % BS != 0 && first > old_size / BS {
+        if !old_size.is_multiple_of(BS) && first > old_size / BS {
             self.fill_tail_block()?;
         }
         let new_size = old_size.max(end);
@@ -343,7 +343,7 @@ impl Content {
             }
         } else {
             let old_last = old.div_ceil(BS); // blocks holding data before
-            if old % BS != 0 {
+            if !old.is_multiple_of(BS) {
                 let idx = old / BS;
                 let new_len = self.layout.block_len(idx, new_size);
                 self.resize_block(idx, (old % BS) as usize, new_len)?;
@@ -395,7 +395,8 @@ mod tests {
                 match rnd(4) {
                     0 | 1 => {
                         let off = rnd(40_000);
-                        let len = 1 + rnd(if rnd(5) == 0 { 300_000 } else { 9000 }) as usize;
+                        let big = rnd(5) == 0;
+                        let len = 1 + rnd(if big { 300_000 } else { 9000 }) as usize;
                         let val = (step % 251) as u8 + 1;
                         let data = vec![val; len];
                         c.write(off, &data).unwrap();

@@ -216,7 +216,8 @@ fn serve(
             }
         }
     });
-    Ok(session_ready(session))
+    session_ready(session);
+    Ok(())
 }
 
 /// Tells a waiting parent that the mount is up, then serves until unmounted.

@@ -1,6 +1,6 @@
 //! Shared test harness: real binaries, real FUSE mounts. A test whose prerequisite is missing
 //! fails under CI=true and skips (saying why) on a developer machine.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
