@@ -273,6 +273,11 @@ fn main() {
             if let Ok(p) = std::fs::canonicalize(&a.mountpoint) {
                 a.mountpoint = p;
             }
+            if let Some(l) = &a.log_file {
+                if let Ok(cwd) = std::env::current_dir() {
+                    a.log_file = Some(cwd.join(l));
+                }
+            }
             a
         }
         Err(e) => {

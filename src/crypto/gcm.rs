@@ -18,9 +18,10 @@ fn key(k: &[u8; 32]) -> Result<LessSafeKey, CipherError> {
         .map_err(|_| CipherError::Backend)
 }
 
+/// A fresh random nonce from AWS-LC's DRBG (seeded from the OS; no system call per block).
 fn random_nonce() -> Result<[u8; NONCE_BYTES], CipherError> {
     let mut n = [0u8; NONCE_BYTES];
-    getrandom::getrandom(&mut n).map_err(|_| CipherError::Backend)?;
+    aws_lc_rs::rand::fill(&mut n).map_err(|_| CipherError::Backend)?;
     Ok(n)
 }
 
