@@ -152,7 +152,11 @@ pub fn secret_from_args(
 /// Logs to stderr with `tracing`; level from `VAULTFS_LOG` (e.g. `debug`), default `info`.
 pub fn init_logging(verbose: bool) {
     // fuser's own debug lines name plaintext paths: keep them out unless asked for by name.
-    let default = if verbose { "debug,fuser=info" } else { "info,fuser=warn" };
+    let default = if verbose {
+        "debug,fuser=info"
+    } else {
+        "info,fuser=warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VAULTFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
