@@ -20,6 +20,10 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub struct Adapter {
     pub fs: Arc<VaultFs>,
     pub writeback: bool,
+    /// Runs when the session ends, before fuser drops its mount handle. The binary exits the
+    /// process here: fuser 0.18 would otherwise unmount the mount point again by path (taking a
+    /// disconnected device for a mounted one), which removes a newer mount at the same place.
+    pub on_destroy: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 fn err(e: i32) -> Errno {
@@ -67,9 +71,22 @@ fn caller(req: &Request) -> Caller {
 
 fn time_arg(t: Option<TimeOrNow>) -> Option<Option<SystemTime>> {
     t.map(|t| match t {
-        TimeOrNow::SpecificTime(t) => Some(t),
+        TimeOrNow::SpecificTime(t) => Some(pre_epoch_fix(t)),
         TimeOrNow::Now => None,
     })
+}
+
+/// fuser 0.18 turns a kernel time before 1970, (secs < 0, nsecs), into `EPOCH - (|secs| +
+/// nsecs)` instead of `EPOCH - |secs| + nsecs` (its `system_time_from_time`); undo that, so
+/// (-1 s, 999999999 ns) stays 1 ns before the epoch.
+fn pre_epoch_fix(t: SystemTime) -> SystemTime {
+    match SystemTime::UNIX_EPOCH.duration_since(t) {
+        Ok(d) if d.subsec_nanos() != 0 => {
+            SystemTime::UNIX_EPOCH - Duration::from_secs(d.as_secs())
+                + Duration::from_nanos(u64::from(d.subsec_nanos()))
+        }
+        _ => t,
+    }
 }
 
 impl fuser::Filesystem for Adapter {
@@ -87,6 +104,12 @@ impl fuser::Filesystem for Adapter {
         }
         let _ = config.add_capabilities(wanted & config.capabilities());
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Some(f) = self.on_destroy.take() {
+            f();
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

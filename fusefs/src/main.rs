@@ -190,9 +190,14 @@ fn serve(
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     config.n_threads = Some(threads.unwrap_or((2 * cpus).max(4)).clamp(1, 64));
     config.clone_fd = true;
+    let mp_done = mountpoint.to_path_buf();
     let adapter = Adapter {
         fs: Arc::new(fs),
         writeback: opts.writeback,
+        on_destroy: Some(Box::new(move || {
+            info!("{} unmounted; exiting", mp_done.display());
+            std::process::exit(exit::OK);
+        })),
     };
     let mut session = fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
         CliError::new(
