@@ -12,6 +12,7 @@ pub mod kdf;
 pub mod key;
 pub mod names;
 pub mod protector;
+pub mod protocol;
 pub mod vault;
 
 pub use crypto::{CipherError, CipherSuite, ContentCipher};

@@ -23,6 +23,12 @@ pub enum Secret {
     RawKey(SecretKey<32>),
     /// A passphrase (not empty).
     Passphrase(SecretBytes),
+    /// A key-encryption key supplied whole by another component (the broker: `tpm` unseals it,
+    /// `controller` receives it after attestation). `kind` names the protector type.
+    Kek {
+        kind: &'static str,
+        key: SecretKey<32>,
+    },
 }
 
 impl Secret {
@@ -30,6 +36,7 @@ impl Secret {
         match self {
             Secret::RawKey(_) => "raw",
             Secret::Passphrase(_) => "passphrase",
+            Secret::Kek { kind, .. } => kind,
         }
     }
 }
@@ -115,6 +122,9 @@ pub fn derive_kek(
     vault_uuid: &[u8; 16],
 ) -> Result<SecretKey<32>, ProtectorError> {
     match secret {
+        Secret::Kek { key, .. } => {
+            SecretKey::from_slice(key.expose_secret()).ok_or(ProtectorError::Derive)
+        }
         Secret::RawKey(k) => kdf::derive(k, vault_uuid, "vaultfs v1 raw protector kek")
             .map_err(|_| ProtectorError::Derive),
         Secret::Passphrase(p) => {

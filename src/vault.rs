@@ -111,6 +111,8 @@ pub struct NewProtector<'a> {
     pub label: Option<String>,
     /// Argon2id (memory KiB, iterations, parallelism) for passphrase protectors.
     pub argon2: (u32, u32, u32),
+    /// Public protector data to store with the record (see `ProtectorRecord::sealed`).
+    pub sealed: Option<serde_json::Value>,
 }
 
 impl Vault {
@@ -163,7 +165,7 @@ impl Vault {
             Secret::Passphrase(_) => Some(protector::new_kdf_params(
                 p.argon2.0, p.argon2.1, p.argon2.2,
             )?),
-            Secret::RawKey(_) => None,
+            Secret::RawKey(_) | Secret::Kek { .. } => None,
         };
         let kek = protector::derive_kek(p.secret, kdf.as_ref(), &self.uuid)?;
         let aad = protector::wrap_aad(&self.uuid, &id, kind, kdf.as_ref());
@@ -175,6 +177,7 @@ impl Vault {
             label: p.label.clone(),
             kdf,
             wrapped_key: B64.encode(wrapped),
+            sealed: p.sealed.clone(),
         })
     }
 
@@ -207,6 +210,56 @@ impl Vault {
         }
         let vmk = vmk.ok_or(VaultError::WrongKey(kind))?;
         Self::from_master_key(dir, meta, vmk)
+    }
+
+    /// Unlocks through one protector record (the broker picks the record and supplies its KEK).
+    pub fn unlock_record(
+        dir: &Path,
+        meta: MetaFile,
+        id: &str,
+        secret: &Secret,
+    ) -> Result<Vault, VaultError> {
+        let uuid = uuid_bytes(&meta.uuid)?;
+        let rec = meta
+            .protectors
+            .iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| VaultError::NoSuchProtector(id.into()))?;
+        let kek = protector::derive_kek(secret, rec.kdf.as_ref(), &uuid)?;
+        let aad = protector::wrap_aad(&uuid, &rec.id, &rec.kind, rec.kdf.as_ref());
+        let sealed = B64
+            .decode(&rec.wrapped_key)
+            .map_err(|_| VaultError::WrongKey(secret.kind()))?;
+        let vmk = aead_open(&kek, &aad, &sealed, SecretKey::<32>::from_slice)
+            .ok()
+            .flatten()
+            .ok_or(VaultError::WrongKey(secret.kind()))?;
+        Self::from_master_key(dir, meta, vmk)
+    }
+
+    /// The master key (for the broker, which hands it to the vault's filesystem).
+    pub fn master_key(&self) -> &SecretKey<32> {
+        &self.vmk
+    }
+
+    /// Crypto-erase: overwrites the metadata file (every wrapped copy of the master key) with
+    /// zeros, syncs it, and removes it. The data left behind cannot be decrypted by anyone.
+    pub fn crypto_erase(dir: &Path) -> Result<(), VaultError> {
+        let p = dir.join(META_FILE);
+        let io = |e| VaultError::Io(p.display().to_string(), e);
+        let len = std::fs::metadata(&p).map_err(io)?.len();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io)?;
+        f.write_all(&vec![0u8; len as usize]).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        drop(f);
+        std::fs::remove_file(&p).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(())
     }
 
     /// Opens a vault whose master key is already known (checks the metadata MAC).
@@ -304,6 +357,7 @@ mod tests {
             secret: s,
             label: None,
             argon2: FAST,
+            sealed: None,
         }
     }
 
@@ -354,6 +408,44 @@ mod tests {
             v.remove_protector("nope"),
             Err(VaultError::NoSuchProtector(_))
         ));
+    }
+
+    #[test]
+    fn kek_protector_and_crypto_erase() {
+        let d = tempfile::tempdir().unwrap();
+        let kek = || Secret::Kek {
+            kind: "tpm",
+            key: SecretKey::from_slice(&[5; 32]).unwrap(),
+        };
+        let k = kek();
+        let p = NewProtector {
+            secret: &k,
+            label: None,
+            argon2: FAST,
+            sealed: Some(serde_json::json!({"pcrs": [0]})),
+        };
+        let v = Vault::create(d.path(), "t", CipherSuite::Aes256Gcm, &p).unwrap();
+        let meta = Vault::read_meta(d.path()).unwrap();
+        let rec = &meta.protectors[0];
+        assert_eq!(rec.kind, "tpm");
+        assert_eq!(rec.sealed, Some(serde_json::json!({"pcrs": [0]})));
+        let id = rec.id.clone();
+        let v2 = Vault::unlock_record(d.path(), meta.clone(), &id, &kek()).unwrap();
+        assert_eq!(
+            v.master_key().expose_secret(),
+            v2.master_key().expose_secret()
+        );
+        let wrong = Secret::Kek {
+            kind: "tpm",
+            key: SecretKey::from_slice(&[6; 32]).unwrap(),
+        };
+        assert!(matches!(
+            Vault::unlock_record(d.path(), meta, &id, &wrong),
+            Err(VaultError::WrongKey("tpm"))
+        ));
+        Vault::crypto_erase(d.path()).unwrap();
+        assert!(!d.path().join(META_FILE).exists());
+        assert!(Vault::unlock(d.path(), &kek()).is_err());
     }
 
     #[test]

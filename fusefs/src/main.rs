@@ -42,6 +42,15 @@ struct Args {
     /// Worker threads serving requests (default: twice the CPUs, at least 4).
     #[arg(long)]
     threads: Option<usize>,
+    /// With -f: write one byte to this inherited descriptor once the mount is ready.
+    #[arg(long, value_name = "FD")]
+    ready_fd: Option<i32>,
+    /// Fetch the key from the vault broker at this socket instead of a key file.
+    #[arg(long, value_name = "SOCKET")]
+    broker: Option<PathBuf>,
+    /// The vault's name at the broker (with --broker).
+    #[arg(long, value_name = "NAME")]
+    vault: Option<String>,
     /// Debug logging.
     #[arg(short = 'd', long)]
     debug: bool,
@@ -130,13 +139,31 @@ fn prepare(args: &Args) -> Result<(VaultFs, MountOpts), CliError> {
         ));
     }
     let opts = parse_options(&args.options, &args.cipherdir)?;
-    let secret = cli::secret_from_args(
-        args.key_file.as_deref(),
-        args.passphrase_file.as_deref(),
-        false,
-    )?;
-    let vault = Vault::unlock(&args.cipherdir, &secret)?;
-    drop(secret);
+    let vault = match (&args.broker, &args.vault) {
+        (Some(sock), Some(name)) => {
+            if args.key_file.is_some() || args.passphrase_file.is_some() {
+                return Err(CliError::new(
+                    exit::USAGE,
+                    "--broker excludes --key-file and --passphrase-file",
+                ));
+            }
+            key_from_broker(sock, name, &args.cipherdir)?
+        }
+        (None, None) => {
+            let secret = cli::secret_from_args(
+                args.key_file.as_deref(),
+                args.passphrase_file.as_deref(),
+                false,
+            )?;
+            Vault::unlock(&args.cipherdir, &secret)?
+        }
+        _ => {
+            return Err(CliError::new(
+                exit::USAGE,
+                "--broker and --vault go together",
+            ))
+        }
+    };
     if !vault.suite().is_authenticated() {
         warn!("vault uses aes-256-xts: contents are confidential but tampering is not detected");
     }
@@ -156,6 +183,29 @@ fn prepare(args: &Args) -> Result<(VaultFs, MountOpts), CliError> {
         )
     })?;
     Ok((fs, opts))
+}
+
+/// Fetches the vault's master key from the broker (which hands it only to the process it launched
+/// for that vault, or to an allowed peer) and checks it against the metadata file.
+fn key_from_broker(sock: &Path, name: &str, cipherdir: &Path) -> Result<Vault, CliError> {
+    use vaultfs_core::protocol::{Client, Request, Response};
+    let err = |m: String| CliError::new(exit::WRONG_KEY, format!("broker {}: {m}", sock.display()));
+    let mut c = Client::connect(sock, std::time::Duration::from_secs(30))
+        .map_err(|e| err(e.to_string()))?;
+    let resp = c
+        .call(&Request::GetVaultKey {
+            vault: name.to_string(),
+        })
+        .map_err(|e| err(e.to_string()))?;
+    let vmk = match &resp {
+        Response::VaultKey(k) => vaultfs_core::SecretKey::<32>::from_slice(&k.0)
+            .ok_or_else(|| err("bad key length".into()))?,
+        Response::Error { message, .. } => return Err(err(message.clone())),
+        _ => return Err(err("unexpected reply".into())),
+    };
+    drop(resp);
+    let meta = Vault::read_meta(cipherdir)?;
+    Ok(Vault::from_master_key(cipherdir, meta, vmk)?)
 }
 
 fn harden_process() {
@@ -314,6 +364,19 @@ fn main() {
         }
     };
     if args.foreground {
+        if let Some(fd) = args.ready_fd {
+            match sys::inherited_fd(fd) {
+                Some(f) => {
+                    if let Ok(mut g) = READY.lock() {
+                        *g = Some(f);
+                    }
+                }
+                None => {
+                    eprintln!("vaultfs: --ready-fd {fd} is not an open descriptor");
+                    std::process::exit(exit::USAGE);
+                }
+            }
+        }
         if let Err(e) = serve(fs, opts, &args.mountpoint, args.threads) {
             eprintln!("vaultfs: {}", e.message);
             std::process::exit(e.code);

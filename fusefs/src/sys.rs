@@ -19,3 +19,19 @@ pub fn fork() -> std::io::Result<Forked> {
         _ => Ok(Forked::Parent),
     }
 }
+
+/// Takes ownership of a descriptor number passed by the parent (`--ready-fd`). Returns None if
+/// it is not an open descriptor or is one of the standard streams.
+pub fn inherited_fd(fd: i32) -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    if fd <= 2 {
+        return None;
+    }
+    // SAFETY: fcntl(F_GETFD) only queries the descriptor table; -1 means `fd` is not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return None;
+    }
+    // SAFETY: `fd` is open (checked above), was created for us by the parent, and nothing else in
+    // this process refers to it, so the File becomes its only owner.
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}

@@ -65,6 +65,111 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ProtectorCmd,
     },
+    /// Status of the broker's vaults.
+    Status {
+        #[command(flatten)]
+        b: BrokerArgs,
+        /// Only this vault.
+        vault: Option<String>,
+    },
+    /// Create a TPM-protected vault at the broker and mount it.
+    Create {
+        #[command(flatten)]
+        b: BrokerArgs,
+        vault: String,
+    },
+    /// Crypto-erase a vault (every wrapped key destroyed first), then remove its data.
+    Delete {
+        #[command(flatten)]
+        b: BrokerArgs,
+        vault: String,
+    },
+    /// Unmount a vault and make the broker drop its key.
+    Lock {
+        #[command(flatten)]
+        b: BrokerArgs,
+        vault: String,
+    },
+    /// Unseal and mount a vault.
+    Unlock {
+        #[command(flatten)]
+        b: BrokerArgs,
+        vault: String,
+    },
+    /// Wait until a vault is unlocked and mounted (exit 0), or time out (exit 1).
+    WaitReady {
+        #[command(flatten)]
+        b: BrokerArgs,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 60)]
+        timeout: u32,
+        vault: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct BrokerArgs {
+    /// The broker's socket.
+    #[arg(long, default_value = "/run/vaultfs/broker.sock")]
+    socket: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+fn broker(b: &BrokerArgs, timeout_s: u64) -> Result<vaultfs_core::protocol::Client, CliError> {
+    vaultfs_core::protocol::Client::connect(&b.socket, std::time::Duration::from_secs(timeout_s))
+        .map_err(|e| {
+            CliError::new(
+                exit::ERROR,
+                format!("broker at {}: {e}", b.socket.display()),
+            )
+        })
+}
+
+fn broker_call(
+    b: &BrokerArgs,
+    req: vaultfs_core::protocol::Request,
+    timeout_s: u64,
+) -> Result<vaultfs_core::protocol::Response, CliError> {
+    use vaultfs_core::protocol::Response;
+    let mut c = broker(b, timeout_s)?;
+    match c
+        .call(&req)
+        .map_err(|e| CliError::new(exit::ERROR, format!("broker: {e}")))?
+    {
+        Response::Error { message, .. } => Err(CliError::new(exit::ERROR, message)),
+        r => Ok(r),
+    }
+}
+
+fn print_status(list: &[vaultfs_core::protocol::VaultStatus], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(list).unwrap_or_default());
+        return;
+    }
+    println!(
+        "{:<12} {:<10} {:<9} {:<18} {:<8} MOUNTPOINT / ERROR",
+        "VAULT", "STATE", "STATUS", "UNLOCK METHOD", "MOUNTED"
+    );
+    for v in list {
+        let detail = match &v.error {
+            Some(e) => format!("{} ({})", v.mountpoint, e),
+            None => v.mountpoint.clone(),
+        };
+        println!(
+            "{:<12} {:<10} {:<9} {:<18} {:<8} {}",
+            v.name,
+            format!("{:?}", v.state).to_lowercase(),
+            format!("{:?}", v.status).to_uppercase(),
+            v.unlock_method,
+            if v.mounted { "yes" } else { "no" },
+            detail
+        );
+        if !v.mismatching_pcrs.is_empty() {
+            println!("{:<12} mismatching PCRs: {:?}", "", v.mismatching_pcrs);
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -143,6 +248,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     secret: &s,
                     label: None,
                     argon2: (kdf.kdf_memory_kib, kdf.kdf_iterations, kdf.kdf_parallelism),
+                    sealed: None,
                 },
             )?;
             if json {
@@ -166,6 +272,47 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 println!("Mount it with: vaultfs {} MOUNTPOINT", cipherdir.display());
             }
             Ok(())
+        }
+        Cmd::Status { b, vault } => {
+            use vaultfs_core::protocol::{Request, Response};
+            let Response::Status(mut list) = broker_call(&b, Request::Status, 10)? else {
+                return Err(CliError::new(exit::ERROR, "unexpected reply"));
+            };
+            if let Some(v) = vault {
+                list.retain(|s| s.name == v);
+                if list.is_empty() {
+                    return Err(CliError::new(exit::ERROR, format!("no vault {v:?}")));
+                }
+            }
+            print_status(&list, b.json);
+            Ok(())
+        }
+        Cmd::Create { b, vault } => simple(
+            &b,
+            vaultfs_core::protocol::Request::Create { vault },
+            "created",
+        ),
+        Cmd::Delete { b, vault } => simple(
+            &b,
+            vaultfs_core::protocol::Request::Delete { vault },
+            "deleted",
+        ),
+        Cmd::Lock { b, vault } => simple(
+            &b,
+            vaultfs_core::protocol::Request::Lock { vault },
+            "locked",
+        ),
+        Cmd::Unlock { b, vault } => simple(
+            &b,
+            vaultfs_core::protocol::Request::Unlock { vault },
+            "unlocked",
+        ),
+        Cmd::WaitReady { b, timeout, vault } => {
+            let req = vaultfs_core::protocol::Request::WaitReady {
+                vault,
+                timeout_ms: timeout.saturating_mul(1000),
+            };
+            simple(&b, req, "ready")
         }
         Cmd::Protector { cmd } => match cmd {
             ProtectorCmd::List { json, cipherdir } => {
@@ -221,6 +368,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     secret: &new,
                     label,
                     argon2: (kdf.kdf_memory_kib, kdf.kdf_iterations, kdf.kdf_parallelism),
+                    sealed: None,
                 })?;
                 println!("{id}");
                 Ok(())
@@ -243,6 +391,34 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         },
     }
+}
+
+fn simple(
+    b: &BrokerArgs,
+    req: vaultfs_core::protocol::Request,
+    done: &str,
+) -> Result<(), CliError> {
+    let name = match &req {
+        vaultfs_core::protocol::Request::Create { vault }
+        | vaultfs_core::protocol::Request::Delete { vault }
+        | vaultfs_core::protocol::Request::Lock { vault }
+        | vaultfs_core::protocol::Request::Unlock { vault }
+        | vaultfs_core::protocol::Request::WaitReady { vault, .. } => vault.clone(),
+        _ => String::new(),
+    };
+    let wait = match &req {
+        vaultfs_core::protocol::Request::WaitReady { timeout_ms, .. } => {
+            u64::from(*timeout_ms) / 1000 + 10
+        }
+        _ => 120,
+    };
+    broker_call(b, req, wait)?;
+    if b.json {
+        println!("{}", serde_json::json!({"vault": name, "result": done}));
+    } else {
+        println!("{name}: {done}");
+    }
+    Ok(())
 }
 
 fn main() {

@@ -42,6 +42,10 @@ pub struct ProtectorRecord {
     pub kdf: Option<KdfParams>,
     /// base64 of `nonce(12) || AES-256-GCM(KEK, VMK) || tag(16)`.
     pub wrapped_key: String,
+    /// Protector-specific public data kept by the component that owns the protector (for `tpm`:
+    /// the sealed object and the PCR selection, written by the broker). Never secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
