@@ -78,18 +78,22 @@ fn harden() {
     {
         warn!("cannot disable core dumps: {e}");
     }
-    if let Err(e) =
-        rustix::mm::mlockall(rustix::mm::MlockAllFlags::CURRENT | rustix::mm::MlockAllFlags::FUTURE)
-    {
+    let flags = rustix::mm::MlockAllFlags::CURRENT
+        | rustix::mm::MlockAllFlags::FUTURE
+        | rustix::mm::MlockAllFlags::ONFAULT;
+    if let Err(e) = rustix::mm::mlockall(flags) {
         warn!("cannot lock memory (keys could reach swap): {e}");
     }
 }
 
 fn bind_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        if !dir.exists() {
+            // A directory of our own: closed to everyone else.
+            std::fs::create_dir_all(dir)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}

@@ -3,7 +3,7 @@
 //! vault's vaultfs process.
 
 use crate::config::{Config, VaultConfig};
-use crate::tpm::SealedBlob;
+use crate::tpm::{NvSealed, SealedBlob};
 use crate::tpm_actor::{ActorError, TpmHandle};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,6 +32,8 @@ pub struct Manager {
     tpm: TpmHandle,
     vaultfs: PathBuf,
     vaults: Mutex<HashMap<String, Entry>>,
+    /// Serializes lifecycle operations (unlock, lock, create, delete, restart).
+    ops: Mutex<()>,
     events: broadcast::Sender<VaultStatus>,
     ready: tokio::sync::Notify,
 }
@@ -76,6 +78,7 @@ impl Manager {
             tpm,
             vaultfs,
             vaults: Mutex::new(map),
+            ops: Mutex::new(()),
             events,
             ready: tokio::sync::Notify::new(),
         })
@@ -171,7 +174,7 @@ impl Manager {
                 .ok_or(ManagerError::Failed("key".into()))?;
             let blob = self
                 .tpm
-                .seal(kek_copy, self.cfg.pcrs.clone())
+                .nv_seal(kek_copy, self.cfg.pcrs.clone())
                 .await
                 .map_err(|e| {
                     ManagerError::Failed(format!("sealing the vault key in the TPM failed: {e}"))
@@ -213,6 +216,11 @@ impl Manager {
 
     /// Unseals, unwraps and mounts.
     pub async fn unlock(self: &Arc<Self>, name: &str) -> Result<(), ManagerError> {
+        let _op = self.ops.lock().await;
+        self.unlock_inner(name).await
+    }
+
+    async fn unlock_inner(self: &Arc<Self>, name: &str) -> Result<(), ManagerError> {
         {
             let map = self.vaults.lock().await;
             let e = map
@@ -238,15 +246,19 @@ impl Manager {
                 .await;
             return Err(ManagerError::Failed("no tpm protector".into()));
         };
-        let blob: SealedBlob = match rec.sealed.clone().map(serde_json::from_value) {
-            Some(Ok(b)) => b,
+        let sealing = match rec.sealed.clone().map(Sealing::from_json) {
+            Some(Some(x)) => x,
             _ => {
                 self.set_error(name, "tpm protector record is malformed".into(), vec![])
                     .await;
                 return Err(ManagerError::Failed("malformed tpm record".into()));
             }
         };
-        let kek = match self.tpm.unseal(blob).await {
+        let unsealed = match sealing {
+            Sealing::Nv(r) => self.tpm.nv_unseal(r).await,
+            Sealing::Object(b) => self.tpm.unseal(b).await,
+        };
+        let kek = match unsealed {
             Ok(k) => k,
             Err(ActorError::Tpm(crate::tpm::TpmError::PcrMismatch { mismatching })) => {
                 let msg = format!(
@@ -285,7 +297,13 @@ impl Manager {
             .ok_or(ManagerError::Failed("key".into()))?;
         drop(vault);
         self.publish(name, |e| e.vmk = Some(vmk)).await;
-        self.launch(name).await
+        if let Err(e) = self.launch(name).await {
+            // Never leave a key behind for a vault that is not mounted.
+            self.set_error(name, format!("mounting failed: {e}"), vec![])
+                .await;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Starts vaultfs for an unlocked vault and supervises it.
@@ -385,10 +403,16 @@ impl Manager {
         gen: u64,
         st: Option<std::process::ExitStatus>,
     ) {
+        let _op = self.ops.lock().await;
         let (current, unlocked) = {
-            let map = self.vaults.lock().await;
-            match map.get(name) {
-                Some(e) => (e.generation == gen, e.vmk.is_some()),
+            let mut map = self.vaults.lock().await;
+            match map.get_mut(name) {
+                Some(e) if e.generation == gen => {
+                    // The dead process must not be able to ask for the key any more.
+                    e.child_pid = None;
+                    (true, e.vmk.is_some())
+                }
+                Some(_) => (false, false),
                 None => (false, false),
             }
         };
@@ -415,7 +439,10 @@ impl Manager {
                 })
                 .await;
             }
-            Err(e) => error!(vault = name, "restart failed: {e}"),
+            Err(e) => {
+                self.set_error(name, format!("vaultfs restart failed: {e}"), vec![])
+                    .await;
+            }
         }
     }
 
@@ -429,11 +456,19 @@ impl Manager {
 
     /// Stops the vault's vaultfs (it unmounts and exits) and drops the key.
     pub async fn lock(&self, name: &str) -> Result<(), ManagerError> {
+        let _op = self.ops.lock().await;
+        self.lock_inner(name).await
+    }
+
+    async fn lock_inner(&self, name: &str) -> Result<(), ManagerError> {
         let pid = {
             let mut map = self.vaults.lock().await;
             let e = map
                 .get_mut(name)
                 .ok_or_else(|| ManagerError::NoSuchVault(name.into()))?;
+            if e.status.state == VaultState::Absent {
+                return Err(ManagerError::NoSuchVault(name.into()));
+            }
             e.generation += 1;
             e.vmk = None;
             e.child_pid.take()
@@ -461,9 +496,21 @@ impl Manager {
 
     /// Crypto-erase, then remove the data.
     pub async fn delete(&self, name: &str) -> Result<(), ManagerError> {
-        self.lock(name).await?;
+        let _op = self.ops.lock().await;
+        self.lock_inner(name).await?;
         let dir = self.data_dir(name);
         if dir.join(vaultfs_core::format::META_FILE).exists() {
+            // Crypto-erase: first the key inside the TPM, then every wrapped copy on disk.
+            if let Ok(meta) = Vault::read_meta(&dir) {
+                for rec in meta.protectors.iter().filter(|r| r.kind == "tpm") {
+                    if let Some(Some(Sealing::Nv(nv))) = rec.sealed.clone().map(Sealing::from_json)
+                    {
+                        self.tpm.nv_destroy(nv.index).await.map_err(|e| {
+                            ManagerError::Failed(format!("destroying the TPM key failed: {e}"))
+                        })?;
+                    }
+                }
+            }
             Vault::crypto_erase(&dir).map_err(|e| ManagerError::Failed(e.to_string()))?;
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -477,6 +524,7 @@ impl Manager {
     }
 
     pub async fn create(self: &Arc<Self>, name: &str) -> Result<(), ManagerError> {
+        let _op = self.ops.lock().await;
         crate::config::validate_vault_name(name).map_err(ManagerError::Failed)?;
         {
             let mut map = self.vaults.lock().await;
@@ -501,7 +549,7 @@ impl Manager {
             }
         }
         self.ensure_created(name).await?;
-        self.unlock(name).await
+        self.unlock_inner(name).await
     }
 
     /// The key, for the vaultfs this broker launched for the vault (or an allowed peer).
@@ -552,6 +600,24 @@ impl Manager {
         for n in names {
             let _ = self.lock(&n).await;
         }
+    }
+}
+
+/// How a `tpm` protector's KEK is kept: in an NV index (current), or as a sealed object blob
+/// (read for vaults made by earlier builds).
+enum Sealing {
+    Nv(NvSealed),
+    Object(SealedBlob),
+}
+
+impl Sealing {
+    fn from_json(v: serde_json::Value) -> Option<Sealing> {
+        if let Ok(n) = serde_json::from_value::<NvSealed>(v.clone()) {
+            return Some(Sealing::Nv(n));
+        }
+        serde_json::from_value::<SealedBlob>(v)
+            .ok()
+            .map(Sealing::Object)
     }
 }
 

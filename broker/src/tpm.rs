@@ -10,7 +10,14 @@
 //! - the secret crosses the TPM bus only inside salted, AES-128-CFB parameter-encrypted sessions;
 //! - sealing is refused when PCR 0 or PCR 4 reads all zeros (no measured boot).
 //!
-//! No tss-esapi type leaves this module: callers see [`Tpm`], [`SealedBlob`] and [`TpmError`].
+//! A [`SealedBlob`] can be unsealed by anyone holding a copy of it, for as long as the TPM lives,
+//! so deleting the file holding it does not erase the key. For crypto-erase, [`Tpm::nv_seal`]
+//! stores the key *inside* the TPM instead, in an NV index of the owner hierarchy under the same
+//! kind of PCR policy; the [`NvSealed`] record kept on disk only names the index. Undefining the
+//! index ([`Tpm::nv_destroy`]) destroys the key for good, whatever copies of the record exist.
+//!
+//! No tss-esapi type leaves this module: callers see [`Tpm`], [`SealedBlob`], [`NvSealed`] and
+//! [`TpmError`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
@@ -18,19 +25,23 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tss_esapi::{
-    attributes::{ObjectAttributesBuilder, SessionAttributesBuilder},
-    constants::{PropertyTag, SessionType},
-    handles::{KeyHandle, ObjectHandle, PcrHandle, SessionHandle},
+    attributes::{NvIndexAttributes, ObjectAttributesBuilder, SessionAttributesBuilder},
+    constants::{CapabilityType, NvIndexType, PropertyTag, SessionType, Tss2ResponseCodeKind},
+    handles::{
+        KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, PcrHandle, SessionHandle,
+        TpmHandle,
+    },
     interface_types::{
         algorithm::{HashingAlgorithm, PublicAlgorithm},
         ecc::EccCurve,
-        resource_handles::Hierarchy,
+        resource_handles::{Hierarchy, NvAuth, Provision},
         session_handles::{AuthSession, PolicySession},
     },
     structures::{
-        Digest, DigestValues, EccParameter, EccPoint, KeyedHashScheme, PcrSelectionList, PcrSlot,
-        Private, Public, PublicBuffer, PublicBuilder, PublicEccParametersBuilder,
-        PublicKeyedHashParameters, SensitiveData, SymmetricDefinition, SymmetricDefinitionObject,
+        CapabilityData, Digest, DigestValues, EccParameter, EccPoint, KeyedHashScheme, MaxNvBuffer,
+        NvPublic, NvPublicBuilder, PcrSelectionList, PcrSlot, Private, Public, PublicBuffer,
+        PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
+        SymmetricDefinition, SymmetricDefinitionObject,
     },
     tcti_ldr::TctiNameConf,
     traits::{Marshall, UnMarshall},
@@ -62,6 +73,22 @@ pub const SEALED_BLOB_VERSION: u32 = 1;
 
 /// How many times [`Tpm::read_pcrs`] restarts when PCRs change between its batched reads.
 const PCR_READ_ATTEMPTS: usize = 5;
+
+/// Version of the [`NvSealed`] layout.
+pub const NV_SEALED_VERSION: u32 = 1;
+
+/// First NV index [`Tpm::nv_seal`] allocates from (owner hierarchy).
+pub const NV_INDEX_FIRST: u32 = 0x01C1_0000;
+
+/// Last NV index (inclusive) [`Tpm::nv_seal`] allocates from: 256 indexes in all.
+pub const NV_INDEX_LAST: u32 = 0x01C1_00FF;
+
+/// Size of the data area of a vaultfs NV index: exactly one 32-byte key.
+const NV_SECRET_SIZE: u16 = 32;
+
+/// How many times [`Tpm::nv_seal`] picks another index when a free one was taken (by another TPM
+/// user) between the handle query and TPM2_NV_DefineSpace.
+const NV_DEFINE_ATTEMPTS: usize = 5;
 
 /// Errors of the TPM module: one variant per TPM operation, carrying the TSS error text (never
 /// key bytes).
@@ -99,6 +126,18 @@ pub enum TpmError {
     PcrMismatch { mismatching: Vec<u8> },
     #[error("malformed sealed blob: {0}")]
     BadBlob(String),
+    #[error("TPM2_NV_DefineSpace failed: {0}")]
+    NvDefine(String),
+    #[error("TPM2_NV_Write failed: {0}")]
+    NvWrite(String),
+    #[error("TPM2_NV_Read failed: {0}")]
+    NvRead(String),
+    #[error("TPM2_NV_UndefineSpace failed: {0}")]
+    NvUndefine(String),
+    /// The NV index a record names no longer holds the key sealed there: it was undefined
+    /// ([`Tpm::nv_destroy`], TPM2_Clear), or something else has been defined at it since.
+    #[error("NV index {index:#010x} does not exist, or is not the one this record was sealed to")]
+    NvMissing { index: u32 },
 }
 
 /// One PCR of the SHA-256 bank and its value at sealing time.
@@ -128,6 +167,27 @@ pub struct SealedBlob {
 }
 
 impl SealedBlob {
+    /// The sealing PCR indexes, ascending.
+    pub fn pcr_indexes(&self) -> Vec<u8> {
+        self.pcrs.iter().map(|p| p.index).collect()
+    }
+}
+
+/// A secret stored in a TPM NV index by [`Tpm::nv_seal`]. Holds nothing secret: only the index
+/// and the PCR values its read policy demands. Once the index is undefined ([`Tpm::nv_destroy`])
+/// the record, and every copy of it, is useless.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvSealed {
+    /// [`NV_SEALED_VERSION`]; other versions are refused.
+    pub version: u32,
+    /// The NV index holding the secret, in [`NV_INDEX_FIRST`]..=[`NV_INDEX_LAST`].
+    pub index: u32,
+    /// The sealing PCRs (SHA-256 bank) in ascending order, with their values at sealing time.
+    pub pcrs: Vec<PcrValue>,
+}
+
+impl NvSealed {
     /// The sealing PCR indexes, ascending.
     pub fn pcr_indexes(&self) -> Vec<u8> {
         self.pcrs.iter().map(|p| p.index).collect()
@@ -291,56 +351,7 @@ impl Tpm {
         pcrs: &[u8],
         require_measured_boot: bool,
     ) -> Result<SealedBlob, TpmError> {
-        validate_pcr_list(pcrs).map_err(TpmError::InvalidPcrList)?;
-        let mut pcrs = pcrs.to_vec();
-        pcrs.sort_unstable();
-
-        let boot = read_pcrs_sha256(&mut self.ctx, &MEASURED_BOOT_PCRS)?;
-        let zero: Vec<u8> = boot
-            .iter()
-            .filter(|(_, value)| value.iter().all(|&b| b == 0))
-            .map(|&(index, _)| index)
-            .collect();
-        if !zero.is_empty() {
-            if require_measured_boot {
-                tracing::warn!(?zero, "refusing to seal: no measured boot");
-                return Err(TpmError::NoMeasuredBoot { zero });
-            }
-            tracing::warn!(
-                ?zero,
-                "sealing WITHOUT measured boot (PCRs read all zeros): the PCR policy protects little"
-            );
-        }
-
-        let values = read_pcrs_sha256(&mut self.ctx, &pcrs)?;
-        let composite = pcr_composite_digest(&values);
-        let expected_policy = policy_pcr_digest(&pcrs, &composite);
-        let selection = sha256_selection(&pcrs).map_err(|e| TpmError::Policy(e.to_string()))?;
-
-        // The policy digest from a trial session, cross-checked against our own computation.
-        let policy = with_session(
-            &mut self.ctx,
-            None,
-            SessionType::Trial,
-            false,
-            false,
-            |ctx, session| {
-                let trial = PolicySession::try_from(session)
-                    .map_err(|e| TpmError::Session(e.to_string()))?;
-                let composite = Digest::try_from(composite.to_vec())
-                    .map_err(|e| TpmError::Policy(e.to_string()))?;
-                ctx.execute_without_session(|ctx| {
-                    ctx.policy_pcr(trial, composite, selection.clone())?;
-                    ctx.policy_get_digest(trial)
-                })
-                .map_err(|e| TpmError::Policy(e.to_string()))
-            },
-        )?;
-        if policy.value() != expected_policy {
-            return Err(TpmError::Policy(
-                "trial-session policy digest differs from the locally computed one".into(),
-            ));
-        }
+        let (pcrs, values, policy) = sealing_policy(&mut self.ctx, pcrs, require_measured_boot)?;
 
         let template = sealed_object_template(policy).map_err(|e| TpmError::Seal(e.to_string()))?;
         // Moved into a zeroizing buffer inside SensitiveData.
@@ -436,27 +447,246 @@ impl Tpm {
             Err(err @ (TpmError::Policy(_) | TpmError::Unseal(_))) => {
                 // Which PCRs moved? (The blob's recorded values were checked against the object's
                 // policy in `parse_blob`, so they are the values the policy demands.)
-                match read_pcrs_sha256(&mut self.ctx, &indexes) {
-                    Ok(now) => {
-                        let mismatching: Vec<u8> = recorded
-                            .iter()
-                            .zip(now.iter())
-                            .filter(|(then, now)| then != now)
-                            .map(|((index, _), _)| *index)
-                            .collect();
-                        if !mismatching.is_empty() {
-                            tracing::warn!(?mismatching, "unseal refused: PCR values changed");
-                            return Err(TpmError::PcrMismatch { mismatching });
-                        }
+                match changed_pcrs(&mut self.ctx, &recorded) {
+                    Some(mismatching) => {
+                        tracing::warn!(?mismatching, "unseal refused: PCR values changed");
+                        Err(TpmError::PcrMismatch { mismatching })
                     }
-                    Err(read_err) => {
-                        tracing::warn!(error = %read_err, "cannot re-read PCRs after unseal failure")
-                    }
+                    None => Err(err),
                 }
-                Err(err)
             }
             other => other,
         }
+    }
+
+    /// Stores `secret` in a fresh NV index of the owner hierarchy, readable only under a
+    /// PolicyPCR policy over the current values of `pcrs` (SHA-256 bank). `pcrs` must pass
+    /// [`validate_pcr_list`]. Refused with [`TpmError::NoMeasuredBoot`] when PCR 0 or PCR 4
+    /// reads all zeros.
+    ///
+    /// Unlike [`Tpm::seal`], the secret lives only inside the TPM: [`Tpm::nv_destroy`] erases it
+    /// for good, and the returned record is useless from then on.
+    pub fn nv_seal(&mut self, secret: &SecretKey<32>, pcrs: &[u8]) -> Result<NvSealed, TpmError> {
+        self.nv_seal_checked(secret, pcrs, true)
+    }
+
+    /// [`Tpm::nv_seal`] with the measured-boot check optional, as [`Tpm::seal_checked`].
+    ///
+    /// The index (in [`NV_INDEX_FIRST`]..=[`NV_INDEX_LAST`], the lowest free one) is an ordinary
+    /// 32-byte index, authPolicy = the PolicyPCR digest, attributes `OWNERWRITE | POLICYREAD |
+    /// NO_DA`: no `AUTHREAD`/`OWNERREAD` (only a policy session satisfying the PCR policy can
+    /// read it), no `POLICYWRITE`/`AUTHWRITE` (the policy cannot overwrite it), no
+    /// `POLICY_DELETE` (the owner can undefine it with TPM2_NV_UndefineSpace). The owner
+    /// authorization must be empty. The secret is written over a salted session with
+    /// parameter encryption. If the write fails, the index is undefined again.
+    #[tracing::instrument(skip_all, fields(pcrs = ?pcrs, require_measured_boot))]
+    pub fn nv_seal_checked(
+        &mut self,
+        secret: &SecretKey<32>,
+        pcrs: &[u8],
+        require_measured_boot: bool,
+    ) -> Result<NvSealed, TpmError> {
+        let (pcrs, values, policy) = sealing_policy(&mut self.ctx, pcrs, require_measured_boot)?;
+
+        let (index, handle) = define_nv_index(&mut self.ctx, &policy)?;
+        // Moved into a zeroizing buffer inside MaxNvBuffer.
+        let data = MaxNvBuffer::try_from(secret.expose_secret().to_vec())
+            .map_err(|e| TpmError::NvWrite(e.to_string()));
+        let written = data.and_then(|data| {
+            with_primary(&mut self.ctx, |ctx, primary| {
+                // decrypt: the data (the secret) travels encrypted to the TPM. The session is
+                // salted with the storage key, so its key is unknown to a bus observer even though
+                // the owner authorization is empty.
+                with_session(
+                    ctx,
+                    Some(primary),
+                    SessionType::Hmac,
+                    false,
+                    true,
+                    |ctx, session| {
+                        ctx.execute_with_session(Some(session), |ctx| {
+                            ctx.nv_write(NvAuth::Owner, handle, data, 0)
+                        })
+                        .map_err(|e| TpmError::NvWrite(e.to_string()))
+                    },
+                )
+            })
+        });
+        if let Err(err) = written {
+            if let Err(e) = self
+                .ctx
+                .execute_with_session(Some(AuthSession::Password), |ctx| {
+                    ctx.nv_undefine_space(Provision::Owner, handle)
+                })
+            {
+                tracing::warn!(
+                    index = format_args!("{index:#010x}"),
+                    error = %e,
+                    "cannot undefine the NV index after a failed write"
+                );
+                close_nv(&mut self.ctx, handle);
+            }
+            return Err(err);
+        }
+        close_nv(&mut self.ctx, handle);
+
+        tracing::info!(
+            index = format_args!("{index:#010x}"),
+            pcrs = ?pcrs,
+            "secret stored in NV index under PCR policy"
+        );
+        Ok(NvSealed {
+            version: NV_SEALED_VERSION,
+            index,
+            pcrs: values
+                .into_iter()
+                .map(|(index, sha256)| PcrValue { index, sha256 })
+                .collect(),
+        })
+    }
+
+    /// Reads the secret stored by [`Tpm::nv_seal`], over a salted policy session that encrypts
+    /// the response. When the PCR policy is not satisfied, returns [`TpmError::PcrMismatch`]
+    /// naming the PCRs whose values changed since sealing. When the index no longer exists (or
+    /// is no longer the index this record was made for), returns [`TpmError::NvMissing`].
+    #[tracing::instrument(skip_all, fields(index = format_args!("{:#010x}", sealed.index)))]
+    pub fn nv_unseal(&mut self, sealed: &NvSealed) -> Result<SecretKey<32>, TpmError> {
+        let bad = |m: String| TpmError::BadBlob(m);
+        if sealed.version != NV_SEALED_VERSION {
+            return Err(bad(format!("unknown NV record version {}", sealed.version)));
+        }
+        let index = sealed.index;
+        check_nv_range(index).map_err(bad)?;
+        let indexes = check_pcr_record(&sealed.pcrs).map_err(bad)?;
+        let recorded: Vec<(u8, [u8; 32])> =
+            sealed.pcrs.iter().map(|p| (p.index, p.sha256)).collect();
+        let composite = pcr_composite_digest(&recorded);
+        let expected_policy = policy_pcr_digest(&indexes, &composite);
+        let selection = sha256_selection(&indexes).map_err(|e| bad(e.to_string()))?;
+
+        let handle = open_nv(&mut self.ctx, index, TpmError::NvRead)?
+            .ok_or(TpmError::NvMissing { index })?;
+        let result = (|| {
+            let (public, _name) = self
+                .ctx
+                .execute_without_session(|ctx| ctx.nv_read_public(handle))
+                .map_err(|e| TpmError::NvRead(e.to_string()))?;
+            // The TPM never changes an index's authPolicy or type: if the public area is not the
+            // one nv_seal defined, the index this record names was undefined and something else
+            // defined in its place.
+            if let Err(reason) = check_nv_public(&public, index, Some(&expected_policy)) {
+                tracing::warn!(
+                    reason = %reason,
+                    "NV index is not the one this record was sealed to"
+                );
+                return Err(TpmError::NvMissing { index });
+            }
+            with_primary(&mut self.ctx, |ctx, primary| {
+                // encrypt: the data read (the secret) comes back encrypted under the salted
+                // session key.
+                with_session(
+                    ctx,
+                    Some(primary),
+                    SessionType::Policy,
+                    true,
+                    false,
+                    |ctx, session| {
+                        let policy = PolicySession::try_from(session)
+                            .map_err(|e| TpmError::Session(e.to_string()))?;
+                        let composite = Digest::try_from(composite.to_vec())
+                            .map_err(|e| TpmError::Policy(e.to_string()))?;
+                        ctx.execute_without_session(|ctx| {
+                            ctx.policy_pcr(policy, composite, selection)
+                        })
+                        .map_err(|e| TpmError::Policy(e.to_string()))?;
+                        let data = ctx
+                            .execute_with_session(Some(session), |ctx| {
+                                ctx.nv_read(NvAuth::NvIndex(handle), handle, NV_SECRET_SIZE, 0)
+                            })
+                            .map_err(|e| TpmError::NvRead(e.to_string()))?;
+                        // `data` zeroizes its buffer on drop.
+                        if data.len() != usize::from(NV_SECRET_SIZE) {
+                            return Err(TpmError::NvRead(format!(
+                                "NV index returned {} bytes, expected {NV_SECRET_SIZE}",
+                                data.len()
+                            )));
+                        }
+                        SecretKey::try_fill(|buf: &mut [u8; 32]| {
+                            buf.copy_from_slice(data.value());
+                            Ok(())
+                        })
+                    },
+                )
+            })
+        })();
+        close_nv(&mut self.ctx, handle);
+
+        match result {
+            Err(err @ (TpmError::Policy(_) | TpmError::NvRead(_))) => {
+                match changed_pcrs(&mut self.ctx, &recorded) {
+                    Some(mismatching) => {
+                        tracing::warn!(?mismatching, "NV read refused: PCR values changed");
+                        Err(TpmError::PcrMismatch { mismatching })
+                    }
+                    None => Err(err),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Undefines the NV index made by [`Tpm::nv_seal`] (TPM2_NV_UndefineSpace, owner
+    /// authorization), destroying the secret in it for good. Idempotent: an index that does not
+    /// exist is not an error. Refuses indexes outside [`NV_INDEX_FIRST`]..=[`NV_INDEX_LAST`] and
+    /// indexes whose attributes are not those of a vaultfs sealed key.
+    #[tracing::instrument(skip_all, fields(index = format_args!("{index:#010x}")))]
+    pub fn nv_destroy(&mut self, index: u32) -> Result<(), TpmError> {
+        check_nv_range(index).map_err(TpmError::NvUndefine)?;
+        let Some(handle) = open_nv(&mut self.ctx, index, TpmError::NvUndefine)? else {
+            tracing::info!("NV index already absent");
+            return Ok(());
+        };
+        let checked = self
+            .ctx
+            .execute_without_session(|ctx| ctx.nv_read_public(handle))
+            .map_err(|e| TpmError::NvUndefine(e.to_string()))
+            .and_then(|(public, _name)| {
+                check_nv_public(&public, index, None).map_err(|reason| {
+                    TpmError::NvUndefine(format!(
+                        "NV index {index:#010x} is not a vaultfs sealed key ({reason}); not touched"
+                    ))
+                })
+            });
+        if let Err(err) = checked {
+            close_nv(&mut self.ctx, handle);
+            return Err(err);
+        }
+        // On success the ESYS handle is closed by tss-esapi; on failure it stays open.
+        let undefined = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.nv_undefine_space(Provision::Owner, handle)
+            });
+        match undefined {
+            Ok(()) => {
+                tracing::info!("NV index undefined: the secret in it is destroyed");
+                Ok(())
+            }
+            Err(e) => {
+                close_nv(&mut self.ctx, handle);
+                if rc_kind(&e) == Some(Tss2ResponseCodeKind::Handle) {
+                    // Undefined by someone else between our look-up and the command.
+                    return Ok(());
+                }
+                Err(TpmError::NvUndefine(e.to_string()))
+            }
+        }
+    }
+
+    /// The NV indexes currently defined in [`NV_INDEX_FIRST`]..=[`NV_INDEX_LAST`], ascending
+    /// (for garbage-collecting indexes that no stored record names).
+    pub fn nv_indexes(&mut self) -> Result<Vec<u32>, TpmError> {
+        Ok(defined_nv_indexes(&mut self.ctx)?.into_iter().collect())
     }
 }
 
@@ -603,6 +833,279 @@ fn read_pcrs_sha256(ctx: &mut Context, pcrs: &[u8]) -> Result<Vec<(u8, [u8; 32])
     Err(TpmError::PcrRead(format!(
         "PCR values kept changing during {PCR_READ_ATTEMPTS} read attempts"
     )))
+}
+
+/// A PCR index of the SHA-256 bank and its value.
+type PcrReading = (u8, [u8; 32]);
+
+/// The sealing steps shared by [`Tpm::seal_checked`] and [`Tpm::nv_seal_checked`]: validates
+/// `pcrs`, applies the measured-boot check, reads the PCR values and returns (sorted PCR indexes,
+/// their values, the PolicyPCR digest). The digest comes from a trial session and is
+/// cross-checked against the local computation.
+fn sealing_policy(
+    ctx: &mut Context,
+    pcrs: &[u8],
+    require_measured_boot: bool,
+) -> Result<(Vec<u8>, Vec<PcrReading>, Digest), TpmError> {
+    validate_pcr_list(pcrs).map_err(TpmError::InvalidPcrList)?;
+    let mut pcrs = pcrs.to_vec();
+    pcrs.sort_unstable();
+
+    let boot = read_pcrs_sha256(ctx, &MEASURED_BOOT_PCRS)?;
+    let zero: Vec<u8> = boot
+        .iter()
+        .filter(|(_, value)| value.iter().all(|&b| b == 0))
+        .map(|&(index, _)| index)
+        .collect();
+    if !zero.is_empty() {
+        if require_measured_boot {
+            tracing::warn!(?zero, "refusing to seal: no measured boot");
+            return Err(TpmError::NoMeasuredBoot { zero });
+        }
+        tracing::warn!(
+            ?zero,
+            "sealing WITHOUT measured boot (PCRs read all zeros): the PCR policy protects little"
+        );
+    }
+
+    let values = read_pcrs_sha256(ctx, &pcrs)?;
+    let composite = pcr_composite_digest(&values);
+    let expected_policy = policy_pcr_digest(&pcrs, &composite);
+    let selection = sha256_selection(&pcrs).map_err(|e| TpmError::Policy(e.to_string()))?;
+
+    // The policy digest from a trial session, cross-checked against our own computation.
+    let policy = with_session(
+        ctx,
+        None,
+        SessionType::Trial,
+        false,
+        false,
+        |ctx, session| {
+            let trial =
+                PolicySession::try_from(session).map_err(|e| TpmError::Session(e.to_string()))?;
+            let composite = Digest::try_from(composite.to_vec())
+                .map_err(|e| TpmError::Policy(e.to_string()))?;
+            ctx.execute_without_session(|ctx| {
+                ctx.policy_pcr(trial, composite, selection.clone())?;
+                ctx.policy_get_digest(trial)
+            })
+            .map_err(|e| TpmError::Policy(e.to_string()))
+        },
+    )?;
+    if policy.value() != expected_policy {
+        return Err(TpmError::Policy(
+            "trial-session policy digest differs from the locally computed one".into(),
+        ));
+    }
+    Ok((pcrs, values, policy))
+}
+
+/// After a policy failure: the recorded PCRs whose current value differs, or `None` when none
+/// does (or the PCRs cannot be re-read; logged).
+fn changed_pcrs(ctx: &mut Context, recorded: &[(u8, [u8; 32])]) -> Option<Vec<u8>> {
+    let indexes: Vec<u8> = recorded.iter().map(|&(index, _)| index).collect();
+    match read_pcrs_sha256(ctx, &indexes) {
+        Ok(now) => {
+            let mismatching: Vec<u8> = recorded
+                .iter()
+                .zip(now.iter())
+                .filter(|(then, now)| then != now)
+                .map(|((index, _), _)| *index)
+                .collect();
+            (!mismatching.is_empty()).then_some(mismatching)
+        }
+        Err(read_err) => {
+            tracing::warn!(error = %read_err, "cannot re-read PCRs after a policy failure");
+            None
+        }
+    }
+}
+
+/// Checks the PCR list of a stored record: valid by [`validate_pcr_list`] and ascending. Returns
+/// the indexes.
+fn check_pcr_record(pcrs: &[PcrValue]) -> Result<Vec<u8>, String> {
+    let indexes: Vec<u8> = pcrs.iter().map(|p| p.index).collect();
+    validate_pcr_list(&indexes)?;
+    if !indexes.windows(2).all(|w| w[0] < w[1]) {
+        return Err("PCR list not in ascending order".into());
+    }
+    Ok(indexes)
+}
+
+fn check_nv_range(index: u32) -> Result<(), String> {
+    if (NV_INDEX_FIRST..=NV_INDEX_LAST).contains(&index) {
+        Ok(())
+    } else {
+        Err(format!(
+            "NV index {index:#010x} outside the vaultfs range \
+             {NV_INDEX_FIRST:#010x}..={NV_INDEX_LAST:#010x}"
+        ))
+    }
+}
+
+/// The attributes of a vaultfs NV index as defined (TPMA_NV_WRITTEN is set by the first write):
+/// ordinary, written by the owner, read only through the policy, no dictionary-attack lockout.
+fn nv_index_attributes() -> Result<NvIndexAttributes, tss_esapi::Error> {
+    NvIndexAttributes::builder()
+        .with_nv_index_type(NvIndexType::Ordinary)
+        .with_owner_write(true)
+        .with_policy_read(true)
+        .with_no_da(true)
+        .build()
+}
+
+fn nv_index_public(index: u32, policy: &Digest) -> Result<NvPublic, tss_esapi::Error> {
+    NvPublicBuilder::new()
+        .with_nv_index(NvIndexTpmHandle::new(index)?)
+        .with_index_name_algorithm(HashingAlgorithm::Sha256)
+        .with_index_attributes(nv_index_attributes()?)
+        .with_index_auth_policy(policy.clone())
+        .with_data_area_size(usize::from(NV_SECRET_SIZE))
+        .build()
+}
+
+/// Checks that an NV public area is that of a vaultfs sealed key at `index`: [`nv_index_public`]
+/// attributes, SHA-256 name algorithm, 32 bytes. With `policy`, the index must also have been
+/// written and carry exactly that authPolicy.
+fn check_nv_public(public: &NvPublic, index: u32, policy: Option<&[u8; 32]>) -> Result<(), String> {
+    const TPMA_NV_WRITTEN: u32 = 1 << 29;
+    let found = u32::from(public.nv_index());
+    if found != index {
+        return Err(format!("TPM returned the public area of {found:#010x}"));
+    }
+    if public.name_algorithm() != HashingAlgorithm::Sha256 {
+        return Err("name algorithm is not SHA-256".into());
+    }
+    let expected = nv_index_attributes()
+        .and_then(u32::try_from)
+        .map_err(|e| e.to_string())?;
+    let attributes = u32::try_from(public.attributes()).map_err(|e| e.to_string())?;
+    if attributes & !TPMA_NV_WRITTEN != expected {
+        return Err(format!(
+            "attributes {attributes:#010x}, expected {expected:#010x}"
+        ));
+    }
+    if public.data_size() != usize::from(NV_SECRET_SIZE) {
+        return Err(format!("data size {}", public.data_size()));
+    }
+    if let Some(policy) = policy {
+        if attributes & TPMA_NV_WRITTEN == 0 {
+            return Err("index was never written".into());
+        }
+        if public.authorization_policy().value() != policy {
+            return Err("authPolicy differs from the recorded PCR policy".into());
+        }
+    }
+    Ok(())
+}
+
+/// The NV indexes defined in the vaultfs range (TPM2_GetCapability(TPM_CAP_HANDLES), paged).
+fn defined_nv_indexes(ctx: &mut Context) -> Result<BTreeSet<u32>, TpmError> {
+    let mut found = BTreeSet::new();
+    let mut next = NV_INDEX_FIRST;
+    loop {
+        let (data, more) = ctx
+            .execute_without_session(|ctx| {
+                ctx.get_capability(
+                    CapabilityType::Handles,
+                    next,
+                    NV_INDEX_LAST - NV_INDEX_FIRST + 1,
+                )
+            })
+            .map_err(|e| TpmError::Capability(e.to_string()))?;
+        let CapabilityData::Handles(handles) = data else {
+            return Err(TpmError::Capability(
+                "TPM answered TPM_CAP_HANDLES with another capability".into(),
+            ));
+        };
+        let mut last = None;
+        for &handle in handles.iter() {
+            let raw = u32::from(handle);
+            if raw > NV_INDEX_LAST {
+                return Ok(found);
+            }
+            if raw >= NV_INDEX_FIRST {
+                found.insert(raw);
+            }
+            last = Some(raw);
+        }
+        match last {
+            Some(last) if more && last < NV_INDEX_LAST => next = last + 1,
+            _ => return Ok(found),
+        }
+    }
+}
+
+/// Defines a vaultfs NV index at the lowest free index of the range (owner authorization, empty
+/// index authValue). Retries with another index when one is taken concurrently.
+fn define_nv_index(ctx: &mut Context, policy: &Digest) -> Result<(u32, NvIndexHandle), TpmError> {
+    for _ in 0..NV_DEFINE_ATTEMPTS {
+        let used = defined_nv_indexes(ctx)?;
+        let Some(index) = (NV_INDEX_FIRST..=NV_INDEX_LAST).find(|i| !used.contains(i)) else {
+            return Err(TpmError::NvDefine(format!(
+                "no free NV index in {NV_INDEX_FIRST:#010x}..={NV_INDEX_LAST:#010x}"
+            )));
+        };
+        let public =
+            nv_index_public(index, policy).map_err(|e| TpmError::NvDefine(e.to_string()))?;
+        match ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+            ctx.nv_define_space(Provision::Owner, None, public)
+        }) {
+            Ok(handle) => return Ok((index, handle)),
+            Err(e) if rc_kind(&e) == Some(Tss2ResponseCodeKind::NvDefined) => {
+                tracing::debug!(
+                    index = format_args!("{index:#010x}"),
+                    "NV index taken meanwhile; trying another"
+                );
+            }
+            Err(e) => return Err(TpmError::NvDefine(e.to_string())),
+        }
+    }
+    Err(TpmError::NvDefine(format!(
+        "free NV indexes kept being taken during {NV_DEFINE_ATTEMPTS} attempts"
+    )))
+}
+
+/// An ESYS handle for the NV index `index`, or `None` when it is not defined. `err` wraps TSS
+/// errors.
+fn open_nv(
+    ctx: &mut Context,
+    index: u32,
+    err: fn(String) -> TpmError,
+) -> Result<Option<NvIndexHandle>, TpmError> {
+    let tpm_handle = NvIndexTpmHandle::new(index).map_err(|e| err(e.to_string()))?;
+    let exists = ctx
+        .execute_without_session(|ctx| ctx.get_capability(CapabilityType::Handles, index, 1))
+        .map_err(|e| TpmError::Capability(e.to_string()))
+        .map(|(data, _)| match data {
+            CapabilityData::Handles(handles) => handles.iter().any(|&h| u32::from(h) == index),
+            _ => false,
+        })?;
+    if !exists {
+        return Ok(None);
+    }
+    match ctx.execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)))
+    {
+        Ok(handle) => Ok(Some(NvIndexHandle::from(handle))),
+        // Undefined between the capability query and TPM2_NV_ReadPublic.
+        Err(e) if rc_kind(&e) == Some(Tss2ResponseCodeKind::Handle) => Ok(None),
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Releases the ESYS resource of an NV index (the index itself stays defined).
+fn close_nv(ctx: &mut Context, handle: NvIndexHandle) {
+    let mut object = ObjectHandle::from(handle);
+    if let Err(e) = ctx.tr_close(&mut object) {
+        tracing::warn!(error = %e, "Esys_TR_Close of an NV index handle failed");
+    }
+}
+
+fn rc_kind(e: &tss_esapi::Error) -> Option<Tss2ResponseCodeKind> {
+    match e {
+        tss_esapi::Error::Tss2Error(rc) => rc.kind(),
+        tss_esapi::Error::WrapperError(_) => None,
+    }
 }
 
 /// SHA-256 over the PCR values in ascending index order: the pcrDigest of TPM2_PolicyPCR.
@@ -757,11 +1260,7 @@ fn parse_blob(blob: &SealedBlob) -> Result<ParsedBlob, TpmError> {
     if blob.version != SEALED_BLOB_VERSION {
         return Err(bad(format!("unknown version {}", blob.version)));
     }
-    let indexes = blob.pcr_indexes();
-    validate_pcr_list(&indexes).map_err(bad)?;
-    if !indexes.windows(2).all(|w| w[0] < w[1]) {
-        return Err(bad("PCR list not in ascending order".into()));
-    }
+    let indexes = check_pcr_record(&blob.pcrs).map_err(bad)?;
 
     let public_buffer =
         PublicBuffer::unmarshall(&blob.public).map_err(|e| bad(format!("TPM2B_PUBLIC: {e}")))?;

@@ -1,7 +1,7 @@
 //! The TPM lives on one dedicated thread (a TSS context is not shareable across threads); async
 //! code sends it jobs and awaits the answers.
 
-use crate::tpm::{SealedBlob, Tpm, TpmError};
+use crate::tpm::{NvSealed, SealedBlob, Tpm, TpmError};
 use vaultfs_core::SecretKey;
 
 type Job = Box<dyn FnOnce(&mut Option<Tpm>) + Send>;
@@ -70,6 +70,20 @@ impl TpmHandle {
     /// Seals `kek` to the current values of `pcrs` (refused without measured boot, as EVE does).
     pub async fn seal(&self, kek: SecretKey<32>, pcrs: Vec<u8>) -> Result<SealedBlob, ActorError> {
         self.run(move |t| t.seal(&kek, &pcrs)).await
+    }
+
+    /// Stores `kek` in a TPM NV index readable only under the PCR policy.
+    pub async fn nv_seal(&self, kek: SecretKey<32>, pcrs: Vec<u8>) -> Result<NvSealed, ActorError> {
+        self.run(move |t| t.nv_seal(&kek, &pcrs)).await
+    }
+
+    pub async fn nv_unseal(&self, rec: NvSealed) -> Result<SecretKey<32>, ActorError> {
+        self.run(move |t| t.nv_unseal(&rec)).await
+    }
+
+    /// Destroys an NV index (crypto-erase: the key it held is gone for good).
+    pub async fn nv_destroy(&self, index: u32) -> Result<(), ActorError> {
+        self.run(move |t| t.nv_destroy(index)).await
     }
 
     pub async fn unseal(&self, blob: SealedBlob) -> Result<SecretKey<32>, ActorError> {

@@ -3,7 +3,10 @@
 mod common;
 
 use sha2::{Digest, Sha256};
-use vault_broker::tpm::{validate_pcr_list, SealedBlob, Tpm, TpmError, DEFAULT_PCRS};
+use vault_broker::tpm::{
+    validate_pcr_list, NvSealed, SealedBlob, Tpm, TpmError, DEFAULT_PCRS, NV_INDEX_FIRST,
+    NV_INDEX_LAST, NV_SEALED_VERSION,
+};
 use vaultfs_core::SecretKey;
 
 /// Opens the TPM and simulates a measured boot (PCRs 0 and 4 extended).
@@ -315,6 +318,8 @@ struct Command {
     params: Vec<u8>,
 }
 
+const TPM_CC_NV_WRITE: u32 = 0x137;
+const TPM_CC_NV_READ: u32 = 0x14E;
 const TPM_CC_CREATE: u32 = 0x153;
 const TPM_CC_UNSEAL: u32 = 0x15E;
 const TPM_CC_START_AUTH_SESSION: u32 = 0x176;
@@ -337,6 +342,7 @@ fn parse_commands(stream: &[u8]) -> Vec<Command> {
     let handle_count = |code: u32| match code {
         TPM_CC_START_AUTH_SESSION => Some(2),
         TPM_CC_CREATE | TPM_CC_UNSEAL => Some(1),
+        TPM_CC_NV_WRITE | TPM_CC_NV_READ => Some(2),
         TPM_CC_GET_RANDOM => Some(0),
         _ => None,
     };
@@ -455,4 +461,292 @@ fn secret_never_crosses_the_bus_in_clear() {
         .session_attributes
         .iter()
         .any(|a| a & TPMA_SESSION_ENCRYPT != 0)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// NV-index sealing (crypto-erase).
+
+fn assert_same(a: &SecretKey<32>, b: &SecretKey<32>) {
+    assert_eq!(a.expose_secret(), b.expose_secret());
+}
+
+fn expect_nv_missing(result: Result<SecretKey<32>, TpmError>, index: u32) {
+    match result {
+        Err(TpmError::NvMissing { index: i }) => assert_eq!(i, index),
+        Err(other) => panic!("expected NvMissing {{ {index:#x} }}, got {other:?}"),
+        Ok(_) => panic!("expected NvMissing {{ {index:#x} }}, got a key"),
+    }
+}
+
+#[test]
+fn nv_seal_unseal_round_trip() {
+    let swtpm = swtpm_or_skip!();
+    let mut tpm = booted(&swtpm);
+    let secret = SecretKey::<32>::random().unwrap();
+    let sealed = tpm.nv_seal(&secret, &DEFAULT_PCRS).unwrap();
+    assert_eq!(sealed.version, NV_SEALED_VERSION);
+    assert!((NV_INDEX_FIRST..=NV_INDEX_LAST).contains(&sealed.index));
+    assert_eq!(sealed.pcr_indexes(), DEFAULT_PCRS.to_vec());
+    let now = tpm.read_pcrs(&DEFAULT_PCRS).unwrap();
+    let recorded: Vec<(u8, [u8; 32])> = sealed.pcrs.iter().map(|p| (p.index, p.sha256)).collect();
+    assert_eq!(recorded, now);
+    assert_eq!(tpm.nv_indexes().unwrap(), vec![sealed.index]);
+
+    assert_same(&tpm.nv_unseal(&sealed).unwrap(), &secret);
+    // Repeatedly, and from a fresh context.
+    assert_same(&tpm.nv_unseal(&sealed).unwrap(), &secret);
+    drop(tpm);
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    assert_same(&tpm.nv_unseal(&sealed).unwrap(), &secret);
+
+    // A PCR outside the sealing set changes nothing.
+    tpm.extend_pcr(15, b"user").unwrap();
+    assert_same(&tpm.nv_unseal(&sealed).unwrap(), &secret);
+}
+
+#[test]
+fn nv_extending_pcr7_breaks_unseal_with_mismatch() {
+    let swtpm = swtpm_or_skip!();
+    let mut tpm = booted(&swtpm);
+    let secret = SecretKey::<32>::random().unwrap();
+    let sealed = tpm.nv_seal(&secret, &DEFAULT_PCRS).unwrap();
+    tpm.extend_pcr(7, b"secure boot policy changed").unwrap();
+    for _ in 0..2 {
+        match tpm.nv_unseal(&sealed) {
+            Err(TpmError::PcrMismatch { mismatching }) => assert_eq!(mismatching, vec![7]),
+            Err(other) => panic!("expected PcrMismatch {{ [7] }}, got {other:?}"),
+            Ok(_) => panic!("expected PcrMismatch {{ [7] }}, got the key"),
+        }
+    }
+    // The index is still there (a PCR change is not a destroy).
+    assert_eq!(tpm.nv_indexes().unwrap(), vec![sealed.index]);
+}
+
+#[test]
+fn nv_destroy_erases_the_key_for_good() {
+    let swtpm = swtpm_or_skip!();
+    let mut tpm = booted(&swtpm);
+    let secret = SecretKey::<32>::random().unwrap();
+    let sealed = tpm.nv_seal(&secret, &DEFAULT_PCRS).unwrap();
+    // An attacker's copy of the stored record, taken before the delete.
+    let copy_json = serde_json::to_string(&sealed).unwrap();
+    let copy = sealed.clone();
+    assert_same(&tpm.nv_unseal(&copy).unwrap(), &secret);
+
+    tpm.nv_destroy(sealed.index).unwrap();
+    assert!(tpm.nv_indexes().unwrap().is_empty());
+    expect_nv_missing(tpm.nv_unseal(&sealed), sealed.index);
+    expect_nv_missing(tpm.nv_unseal(&copy), sealed.index);
+    let from_disk: NvSealed = serde_json::from_str(&copy_json).unwrap();
+    expect_nv_missing(tpm.nv_unseal(&from_disk), sealed.index);
+    // Idempotent.
+    tpm.nv_destroy(sealed.index).unwrap();
+    // Still gone from a fresh context.
+    drop(tpm);
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    expect_nv_missing(tpm.nv_unseal(&from_disk), sealed.index);
+
+    // The freed index is reused by the next vault; the old record does not open it when the new
+    // vault's policy differs ...
+    let other = SecretKey::<32>::random().unwrap();
+    let reused = tpm.nv_seal(&other, &[0, 4, 7]).unwrap();
+    assert_eq!(reused.index, sealed.index);
+    expect_nv_missing(tpm.nv_unseal(&from_disk), sealed.index);
+    tpm.nv_destroy(reused.index).unwrap();
+    // ... and with an identical policy (same PCR set and values) it reaches only the *new*
+    // vault's key: the destroyed one is gone from the TPM. (A stale record is no capability: the
+    // PCR policy is the only read protection of an index, record or not.)
+    let third = SecretKey::<32>::random().unwrap();
+    let reused = tpm.nv_seal(&third, &DEFAULT_PCRS).unwrap();
+    assert_eq!(reused.index, sealed.index);
+    let key = tpm.nv_unseal(&from_disk).unwrap();
+    assert_same(&key, &third);
+    assert_ne!(key.expose_secret(), secret.expose_secret());
+}
+
+#[test]
+fn nv_vaults_get_distinct_indexes_and_are_destroyed_independently() {
+    let swtpm = swtpm_or_skip!();
+    let mut tpm = booted(&swtpm);
+    let a_key = SecretKey::<32>::random().unwrap();
+    let b_key = SecretKey::<32>::random().unwrap();
+    let c_key = SecretKey::<32>::random().unwrap();
+    let a = tpm.nv_seal(&a_key, &DEFAULT_PCRS).unwrap();
+    let b = tpm.nv_seal(&b_key, &DEFAULT_PCRS).unwrap();
+    let c = tpm.nv_seal(&c_key, &[0, 7]).unwrap();
+    assert_ne!(a.index, b.index);
+    assert_ne!(b.index, c.index);
+    assert_ne!(a.index, c.index);
+    let mut all = vec![a.index, b.index, c.index];
+    all.sort_unstable();
+    assert_eq!(tpm.nv_indexes().unwrap(), all);
+
+    tpm.nv_destroy(a.index).unwrap();
+    expect_nv_missing(tpm.nv_unseal(&a), a.index);
+    assert_same(&tpm.nv_unseal(&b).unwrap(), &b_key);
+    assert_same(&tpm.nv_unseal(&c).unwrap(), &c_key);
+    assert_eq!(tpm.nv_indexes().unwrap(), vec![b.index, c.index]);
+
+    // The same key sealed twice gets two indexes; destroying one leaves the other.
+    let d = tpm.nv_seal(&b_key, &DEFAULT_PCRS).unwrap();
+    assert!(![b.index, c.index].contains(&d.index));
+    tpm.nv_destroy(b.index).unwrap();
+    assert_same(&tpm.nv_unseal(&d).unwrap(), &b_key);
+    assert_same(&tpm.nv_unseal(&c).unwrap(), &c_key);
+}
+
+#[test]
+fn nv_sealed_serde_round_trip() {
+    let swtpm = swtpm_or_skip!();
+    let mut tpm = booted(&swtpm);
+    let secret = SecretKey::<32>::random().unwrap();
+    let sealed = tpm.nv_seal(&secret, &DEFAULT_PCRS).unwrap();
+    let json = serde_json::to_string_pretty(&sealed).unwrap();
+    let back: NvSealed = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, sealed);
+    assert_same(&tpm.nv_unseal(&back).unwrap(), &secret);
+
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["index", "pcrs", "version"]);
+    // Unknown fields are refused.
+    let mut extra = value.clone();
+    extra["extra"] = serde_json::json!(1);
+    assert!(serde_json::from_value::<NvSealed>(extra).is_err());
+
+    // Nothing of the secret in the record.
+    let bytes = serde_json::to_vec(&sealed).unwrap();
+    for window in secret.expose_secret().windows(8) {
+        assert!(!contains(&bytes, window), "secret bytes in the NV record");
+    }
+}
+
+#[test]
+fn nv_seal_refusals_and_bad_records() {
+    let swtpm = swtpm_or_skip!();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let secret = SecretKey::<32>::random().unwrap();
+    // Fresh swtpm: no measured boot.
+    match tpm.nv_seal(&secret, &DEFAULT_PCRS) {
+        Err(TpmError::NoMeasuredBoot { zero }) => assert_eq!(zero, vec![0, 4]),
+        other => panic!("expected NoMeasuredBoot, got {other:?}"),
+    }
+    assert!(
+        tpm.nv_indexes().unwrap().is_empty(),
+        "refused seal left an index"
+    );
+    let mut tpm = booted(&swtpm);
+    for bad in [&[1u8, 2][..], &[0, 5], &[0, 0], &[0, 16]] {
+        assert!(
+            matches!(tpm.nv_seal(&secret, bad), Err(TpmError::InvalidPcrList(_))),
+            "{bad:?}"
+        );
+    }
+    assert!(tpm.nv_indexes().unwrap().is_empty());
+
+    let sealed = tpm.nv_seal(&secret, &DEFAULT_PCRS).unwrap();
+    let mut s = sealed.clone();
+    s.version = 2;
+    assert!(matches!(tpm.nv_unseal(&s), Err(TpmError::BadBlob(_))));
+    let mut s = sealed.clone();
+    s.index = 0x0150_0000;
+    assert!(matches!(tpm.nv_unseal(&s), Err(TpmError::BadBlob(_))));
+    let mut s = sealed.clone();
+    s.pcrs.reverse();
+    assert!(matches!(tpm.nv_unseal(&s), Err(TpmError::BadBlob(_))));
+    let mut s = sealed.clone();
+    s.pcrs.remove(0); // PCR 0 must be there
+    assert!(matches!(tpm.nv_unseal(&s), Err(TpmError::BadBlob(_))));
+    // Recorded values that are not the index's policy: the record does not open the index.
+    let mut s = sealed.clone();
+    s.pcrs[3].sha256[0] ^= 1;
+    expect_nv_missing(tpm.nv_unseal(&s), sealed.index);
+    // A record naming a free index of the range.
+    let mut s = sealed.clone();
+    s.index = NV_INDEX_LAST;
+    expect_nv_missing(tpm.nv_unseal(&s), NV_INDEX_LAST);
+
+    // nv_destroy stays inside the vaultfs range (e.g. never the EK certificate at 0x01c00002).
+    assert!(matches!(
+        tpm.nv_destroy(0x01C0_0002),
+        Err(TpmError::NvUndefine(_))
+    ));
+    assert!(matches!(
+        tpm.nv_destroy(NV_INDEX_LAST + 1),
+        Err(TpmError::NvUndefine(_))
+    ));
+    // Absent index: Ok.
+    tpm.nv_destroy(NV_INDEX_LAST).unwrap();
+    // The original is intact.
+    assert_same(&tpm.nv_unseal(&sealed).unwrap(), &secret);
+}
+
+#[test]
+fn nv_secret_never_crosses_the_bus_in_clear() {
+    let swtpm = swtpm_or_skip!();
+    let tap = common::BusTap::start(&swtpm);
+    let mut tpm = booted_via(&tap.tcti());
+    let secret = SecretKey::<32>::random().unwrap();
+    let sealed = tpm.nv_seal(&secret, &DEFAULT_PCRS).unwrap();
+    let read = tpm.nv_unseal(&sealed).unwrap();
+    assert_same(&read, &secret);
+    tpm.nv_destroy(sealed.index).unwrap();
+    drop(tpm);
+
+    let sent = tap.sent().concat();
+    let received = tap.received().concat();
+    // The tap does see the traffic: PCR extends carry their digest in clear.
+    assert!(contains(&sent, &Sha256::digest(b"firmware")));
+    for window in secret.expose_secret().windows(8) {
+        assert!(
+            !contains(&sent, window),
+            "key bytes sent to the TPM in clear"
+        );
+        assert!(
+            !contains(&received, window),
+            "key bytes returned by the TPM in clear"
+        );
+    }
+
+    let commands: Vec<Command> = tap
+        .sent()
+        .iter()
+        .flat_map(|stream| parse_commands(stream))
+        .collect();
+    let salted = commands
+        .iter()
+        .filter(|c| c.code == TPM_CC_START_AUTH_SESSION)
+        .filter(|c| c.handles[0] != TPM_RH_NULL && be16(&c.params, 2 + be16(&c.params, 0)) > 0)
+        .count();
+    assert!(
+        salted >= 2,
+        "expected salted sessions for NV write and NV read, got {salted}"
+    );
+    // TPM2_NV_Write encrypts its first parameter (the data), TPM2_NV_Read its response.
+    let writes: Vec<&Command> = commands
+        .iter()
+        .filter(|c| c.code == TPM_CC_NV_WRITE)
+        .collect();
+    assert_eq!(writes.len(), 1);
+    assert_eq!(writes[0].handles, [0x4000_0001, sealed.index]); // TPM_RH_OWNER, the index
+    assert!(writes[0]
+        .session_attributes
+        .iter()
+        .any(|a| a & TPMA_SESSION_DECRYPT != 0));
+    let reads: Vec<&Command> = commands
+        .iter()
+        .filter(|c| c.code == TPM_CC_NV_READ)
+        .collect();
+    assert_eq!(reads.len(), 1);
+    assert_eq!(reads[0].handles, [sealed.index, sealed.index]); // policy auth by the index
+    assert!(reads[0]
+        .session_attributes
+        .iter()
+        .any(|a| a & TPMA_SESSION_ENCRYPT != 0));
 }

@@ -236,6 +236,15 @@ fn serve(
     mountpoint: &Path,
     threads: Option<usize>,
 ) -> Result<(), CliError> {
+    // Key pages never reach swap: lock every page as it is faulted in (ONFAULT keeps the large,
+    // mostly untouched request buffers from becoming resident). Done here, in the process that
+    // serves, because locks are not inherited across fork.
+    let flags = rustix::mm::MlockAllFlags::CURRENT
+        | rustix::mm::MlockAllFlags::FUTURE
+        | rustix::mm::MlockAllFlags::ONFAULT;
+    if let Err(e) = rustix::mm::mlockall(flags) {
+        warn!("cannot lock memory (keys could reach swap): {e}");
+    }
     let mut config = opts.config;
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     config.n_threads = Some(threads.unwrap_or((2 * cpus).max(4)).clamp(1, 64));
