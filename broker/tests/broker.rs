@@ -89,6 +89,13 @@ impl Broker {
         let r = self.client().call(&req).unwrap();
         assert_eq!(r, Response::Ok, "{req:?}");
     }
+    /// SIGKILL: no clean-up at all, the vaultfs processes it launched keep running.
+    fn crash(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.dir = PathBuf::new(); // Drop must not unmount anything
+    }
+
     fn stop(mut self) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
@@ -101,6 +108,9 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.dir.as_os_str().is_empty() {
+            return;
+        }
         for v in ["config", "apps"] {
             let _ = Command::new("fusermount3")
                 .arg("-uz")
@@ -339,6 +349,24 @@ fn broker_end_to_end() {
         .as_deref()
         .unwrap_or("")
         .contains("restarted"));
+
+    // Broker crash with vaults mounted: the mounts stay served meanwhile, and a new broker takes
+    // them over with vaultfs processes of its own.
+    let old_fs = vaultfs_pid_for(&b.mnt("config")).unwrap();
+    b.crash();
+    assert!(mounted(&dir.join("vault/config")));
+    assert_eq!(
+        std::fs::read(dir.join("vault/config/datastore-credentials")).unwrap(),
+        b"s3cr3t"
+    );
+    let b = Broker::start(dir, &tcti);
+    let new_fs = vaultfs_pid_for(&b.mnt("config")).unwrap();
+    assert_ne!(new_fs, old_fs);
+    assert_eq!(b.status("config").state, VaultState::Unlocked);
+    assert_eq!(
+        std::fs::read(b.mnt("config").join("datastore-credentials")).unwrap(),
+        b"s3cr3t"
+    );
 
     // Broker restart: vaults come back.
     b.stop();
