@@ -10,6 +10,8 @@ use zeroize::Zeroize;
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest frame body accepted.
 pub const MAX_FRAME: usize = 64 * 1024;
+/// Initial capacity of an encoded frame (key-carrying messages are far smaller).
+const ENCODE_CAPACITY: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -162,9 +164,11 @@ impl Drop for Frame {
 /// Encodes a message as a complete frame (length prefix included); the returned buffer wipes
 /// itself.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Frame, FrameError> {
-    let mut out = vec![0u8; 4];
-    let body = postcard::to_extend(msg, std::mem::take(&mut out))
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    // Room for any key-carrying message up front: a growing Vec would leave copies of the bytes
+    // written so far in freed, unwiped memory.
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    out.extend_from_slice(&[0u8; 4]);
+    let body = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let mut body = Frame(body);
     let len = body.0.len() - 4;
     if len > MAX_FRAME {
