@@ -51,6 +51,26 @@ pub struct Content {
     size: u64,
 }
 
+thread_local! {
+    /// Per-thread buffer for on-disk (ciphertext) bytes, reused across requests so that no
+    /// request pays for allocating and zeroing it. It only ever holds ciphertext.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` bytes of the thread's scratch buffer (contents unspecified).
+fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> Result<T>) -> Result<T> {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            f(&mut buf[..len])
+        }
+        // Re-entered on this thread (not expected): fall back to a fresh buffer.
+        Err(_) => f(&mut vec![0u8; len]),
+    })
+}
+
 fn pread_exact(fd: impl AsFd, buf: &mut [u8], off: u64) -> Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -143,49 +163,61 @@ impl Content {
             .ok_or_else(|| ContentError::Corrupt("missing header".into()))
     }
 
-    /// Decrypts the on-disk bytes of consecutive blocks starting at `first` into `out`
-    /// (`out.len()` = the blocks' plaintext lengths summed).
-    fn open_blocks(&self, first: u64, disk: &[u8], out: &mut [u8]) -> Result<()> {
-        let c = self.cipher()?;
-        let oh = self.layout.overhead();
-        let dbs = self.layout.disk_block() as usize;
-        for (i, (d, o)) in disk.chunks(dbs).zip(out.chunks_mut(BLOCK_SIZE)).enumerate() {
-            let block = first + i as u64;
-            if d.len() != o.len() + oh {
-                return Err(ContentError::Corrupt(format!(
-                    "block {block} has a bad length"
-                )));
-            }
-            // Only a full block can be a hole: a partial last block is always written for real.
-            if d.len() == dbs && d.iter().all(|&b| b == 0) {
-                o.fill(0);
-                continue;
-            }
-            c.open(block, d, o)
-                .map_err(|_| ContentError::Auth { block })?;
-        }
-        Ok(())
-    }
-
-    /// Reads and decrypts plaintext blocks `[first, first + n)` of the current file (all of them
-    /// must lie within `self.size`).
-    fn read_blocks(&self, first: u64, plain_len: usize) -> Result<Vec<u8>> {
-        let n_blocks = plain_len.div_ceil(BLOCK_SIZE);
-        let disk_len = plain_len + n_blocks * self.layout.overhead();
-        let mut disk = vec![0u8; disk_len];
-        let got = pread_exact(&self.fd, &mut disk, self.layout.block_offset(first))?;
-        if got != disk_len {
-            let bad = first + got as u64 / self.layout.disk_block();
+    /// Decrypts one on-disk block into `o` (its plaintext length).
+    fn open_one(&self, c: &dyn ContentCipher, block: u64, d: &[u8], o: &mut [u8]) -> Result<()> {
+        if d.len() != o.len() + self.layout.overhead() {
             return Err(ContentError::Corrupt(format!(
-                "block {bad} truncated on disk"
+                "block {block} has a bad length"
             )));
         }
+        // Only a full block can be a hole: a partial last block is always written for real.
+        if d.len() == self.layout.disk_block() as usize && d.iter().all(|&b| b == 0) {
+            o.fill(0);
+            return Ok(());
+        }
+        c.open(block, d, o)
+            .map_err(|_| ContentError::Auth { block })
+    }
+
+    /// Reads the on-disk bytes of blocks starting at `first` holding `plain_len` plaintext bytes
+    /// into the thread's scratch buffer and hands them to `f`.
+    fn with_disk_blocks<T>(
+        &self,
+        first: u64,
+        plain_len: usize,
+        f: impl FnOnce(&[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let n_blocks = plain_len.div_ceil(BLOCK_SIZE);
+        let disk_len = plain_len + n_blocks * self.layout.overhead();
+        with_scratch(disk_len, |disk| {
+            let got = pread_exact(&self.fd, disk, self.layout.block_offset(first))?;
+            if got != disk_len {
+                let bad = first + got as u64 / self.layout.disk_block();
+                return Err(ContentError::Corrupt(format!(
+                    "block {bad} truncated on disk"
+                )));
+            }
+            f(disk)
+        })
+    }
+
+    /// Reads and decrypts plaintext blocks from `first` holding `plain_len` bytes (all within
+    /// `self.size`).
+    fn read_blocks(&self, first: u64, plain_len: usize) -> Result<Vec<u8>> {
+        let c = self.cipher()?;
+        let dbs = self.layout.disk_block() as usize;
         let mut out = vec![0u8; plain_len];
-        self.open_blocks(first, &disk, &mut out)?;
+        self.with_disk_blocks(first, plain_len, |disk| {
+            for (i, (d, o)) in disk.chunks(dbs).zip(out.chunks_mut(BLOCK_SIZE)).enumerate() {
+                self.open_one(c, first + i as u64, d, o)?;
+            }
+            Ok(())
+        })?;
         Ok(out)
     }
 
-    /// Reads up to `len` bytes at `off`.
+    /// Reads up to `len` bytes at `off`: one pread, each block decrypted straight into the reply
+    /// buffer (partial edge blocks through a small temporary).
     pub fn read(&self, off: u64, len: usize) -> Result<Vec<u8>> {
         if off >= self.size || len == 0 {
             return Ok(Vec::new());
@@ -195,11 +227,29 @@ impl Content {
         let last = blocks::block_of(end - 1);
         let plain_len =
             (self.layout.block_len(last, self.size) as u64 + (last - first) * BS) as usize;
-        let mut buf = self.read_blocks(first, plain_len)?;
-        let skip = blocks::offset_in_block(off);
-        buf.truncate(skip + (end - off) as usize);
-        buf.drain(..skip);
-        Ok(buf)
+        let c = self.cipher()?;
+        let dbs = self.layout.disk_block() as usize;
+        let mut out = vec![0u8; (end - off) as usize];
+        self.with_disk_blocks(first, plain_len, |disk| {
+            for (i, d) in disk.chunks(dbs).enumerate() {
+                let block = first + i as u64;
+                let bstart = block * BS;
+                let blen = self.layout.block_len(block, self.size);
+                let from = off.max(bstart);
+                let to = end.min(bstart + blen as u64);
+                let dst = &mut out[(from - off) as usize..(to - off) as usize];
+                if from == bstart && to == bstart + blen as u64 {
+                    self.open_one(c, block, d, dst)?;
+                } else {
+                    let mut tmp = [0u8; BLOCK_SIZE];
+                    self.open_one(c, block, d, &mut tmp[..blen])?;
+                    dst.copy_from_slice(&tmp[(from - bstart) as usize..(to - bstart) as usize]);
+                    zeroize::Zeroize::zeroize(&mut tmp[..]);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Re-encrypts block `index` (currently `old_len` bytes long) with length `new_len`, zero-
@@ -247,74 +297,90 @@ impl Content {
             self.fill_tail_block()?;
         }
         let new_size = old_size.max(end);
-        // Plaintext of the blocks [first, last] after the write.
-        let span_start = first * BS;
-        let span_len = (new_size.min((last + 1) * BS) - span_start) as usize;
-        let mut plain = vec![0u8; span_len];
-        let head = blocks::offset_in_block(off);
-        // Old contents of a partially overwritten first block.
-        if head != 0 && span_start < old_size {
-            let l = self.layout.block_len(first, old_size);
-            let old = self.read_blocks(first, l)?;
-            plain[..l].copy_from_slice(&old);
+        // Blocks the write covers whole are sealed straight from `data`; at most two edge blocks
+        // (partly overwritten) are assembled from their old contents first.
+        let mut edges: Vec<(u64, Vec<u8>)> = Vec::with_capacity(2);
+        for block in [first, last] {
+            if edges.iter().any(|(b, _)| *b == block) {
+                continue;
+            }
+            let bstart = block * BS;
+            let new_len = self.layout.block_len(block, new_size);
+            if off <= bstart && end >= bstart + new_len as u64 {
+                continue;
+            }
+            let mut buf = vec![0u8; new_len];
+            if bstart < old_size {
+                let old_len = self.layout.block_len(block, old_size);
+                let old = self.read_blocks(block, old_len)?;
+                buf[..old_len].copy_from_slice(&old);
+            }
+            let from = off.max(bstart);
+            let to = end.min(bstart + new_len as u64);
+            buf[(from - bstart) as usize..(to - bstart) as usize]
+                .copy_from_slice(&data[(from - off) as usize..(to - off) as usize]);
+            edges.push((block, buf));
         }
-        // Old contents of a partially overwritten last block (if distinct from the first).
-        let tail_block_start = last * BS;
-        if end < (last + 1) * BS
-            && tail_block_start < old_size
-            && end < old_size
-            && (last != first || head == 0)
-        {
-            let l = self.layout.block_len(last, old_size);
-            let old = self.read_blocks(last, l)?;
-            let at = (tail_block_start - span_start) as usize;
-            plain[at..at + l].copy_from_slice(&old);
+        let mut srcs: Vec<&[u8]> = Vec::with_capacity((last - first + 1) as usize);
+        for block in first..=last {
+            match edges.iter().find(|(b, _)| *b == block) {
+                Some((_, buf)) => srcs.push(buf),
+                None => {
+                    let bstart = block * BS;
+                    let len = self.layout.block_len(block, new_size) as u64;
+                    srcs.push(&data[(bstart - off) as usize..(bstart - off + len) as usize]);
+                }
+            }
         }
-        plain[head..head + data.len()].copy_from_slice(data);
-        self.seal_and_write(first, &plain)?;
+        self.seal_and_write(first, &srcs)?;
+        for (_, buf) in &mut edges {
+            zeroize::Zeroize::zeroize(buf);
+        }
         self.size = new_size;
         Ok(data.len())
     }
 
-    /// Encrypts `plain` as consecutive blocks from `first` and writes them in one call.
-    fn seal_and_write(&self, first: u64, plain: &[u8]) -> Result<()> {
+    /// Encrypts consecutive blocks from `first` (one plaintext slice each) and writes them in one
+    /// call, from the thread's reusable scratch buffer.
+    fn seal_and_write(&self, first: u64, srcs: &[&[u8]]) -> Result<()> {
         let c = self.cipher()?;
         let oh = self.layout.overhead();
-        let n_blocks = plain.len().div_ceil(BLOCK_SIZE);
-        let mut disk = vec![0u8; plain.len() + n_blocks * oh];
+        let n_blocks = srcs.len();
+        let disk_len: usize = srcs.iter().map(|p| p.len() + oh).sum();
         let dbs = self.layout.disk_block() as usize;
-        let work = |(i, (p, d)): (usize, (&[u8], &mut [u8]))| {
+        let work = |(i, (p, d)): (usize, (&&[u8], &mut [u8]))| {
             c.seal(first + i as u64, p, d)
                 .map_err(|e| ContentError::Corrupt(e.to_string()))
         };
-        // Large requests: split the crypto across two threads.
-        if n_blocks >= 64 {
-            let half_blocks = n_blocks / 2;
-            let (pa, pb) = plain.split_at(half_blocks * BLOCK_SIZE);
-            let (da, db) = disk.split_at_mut(half_blocks * dbs);
-            let r: Result<()> = std::thread::scope(|s| {
-                let h = s.spawn(|| {
-                    pb.chunks(BLOCK_SIZE)
-                        .zip(db.chunks_mut(dbs))
+        with_scratch(disk_len, |disk| {
+            // Large requests: split the crypto across two threads.
+            if n_blocks >= 64 {
+                let half = n_blocks / 2;
+                let (pa, pb) = srcs.split_at(half);
+                let (da, db) = disk.split_at_mut(half * dbs);
+                let r: Result<()> = std::thread::scope(|s| {
+                    let h = s.spawn(|| {
+                        pb.iter()
+                            .zip(db.chunks_mut(dbs))
+                            .enumerate()
+                            .try_for_each(|(i, x)| work((i + half, x)))
+                    });
+                    pa.iter()
+                        .zip(da.chunks_mut(dbs))
                         .enumerate()
-                        .try_for_each(|(i, x)| work((i + half_blocks, x)))
+                        .try_for_each(work)?;
+                    h.join()
+                        .map_err(|_| ContentError::Corrupt("crypto thread panicked".into()))?
                 });
-                pa.chunks(BLOCK_SIZE)
-                    .zip(da.chunks_mut(dbs))
+                r?;
+            } else {
+                srcs.iter()
+                    .zip(disk.chunks_mut(dbs))
                     .enumerate()
                     .try_for_each(work)?;
-                h.join()
-                    .map_err(|_| ContentError::Corrupt("crypto thread panicked".into()))?
-            });
-            r?;
-        } else {
-            plain
-                .chunks(BLOCK_SIZE)
-                .zip(disk.chunks_mut(dbs))
-                .enumerate()
-                .try_for_each(work)?;
-        }
-        pwrite_all(&self.fd, &disk, self.layout.block_offset(first))
+            }
+            pwrite_all(&self.fd, disk, self.layout.block_offset(first))
+        })
     }
 
     /// Sets the plaintext size.

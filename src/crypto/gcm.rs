@@ -61,17 +61,17 @@ impl ContentCipher for GcmContent {
         let (n, rest) = out.split_at_mut(NONCE_BYTES);
         let (body, tag_out) = rest.split_at_mut(pt.len());
         n.copy_from_slice(&nonce);
-        body.copy_from_slice(pt);
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(
+        // Out of place: one pass over the data.
+        self.key
+            .seal_out_of_place_scatter(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(block_aad(&self.file_id, block)),
+                pt,
                 body,
+                &[],
+                tag_out,
             )
-            .map_err(|_| CipherError::Backend)?;
-        tag_out.copy_from_slice(tag.as_ref());
-        Ok(())
+            .map_err(|_| CipherError::Backend)
     }
 
     fn open(&self, block: u64, ct: &[u8], out: &mut [u8]) -> Result<(), CipherError> {
@@ -79,10 +79,10 @@ impl ContentCipher for GcmContent {
         let (n, rest) = ct.split_at(NONCE_BYTES);
         let (body, tag) = rest.split_at(out.len());
         let nonce = Nonce::try_assume_unique_for_key(n).map_err(|_| CipherError::Backend)?;
-        out.copy_from_slice(body);
-        let r = self.key.open_in_place_separate_tag(
+        let r = self.key.open_separate_gather(
             nonce,
             Aad::from(block_aad(&self.file_id, block)),
+            body,
             tag,
             out,
         );
