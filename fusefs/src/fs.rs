@@ -717,8 +717,10 @@ impl VaultFs {
             )
             .map_err(en)?;
             rustix::io::write(&f, &iv).map_err(en)?;
+            // The IV is durable before the directory can appear under its name (the rename
+            // below commits after this in the journal); the mkdir itself, like on ext4, becomes
+            // durable with the next fsync of the parent.
             rustix::fs::fsync(&f).map_err(en)?;
-            rustix::fs::fsync(&nd).map_err(en)?;
             let mut perm = mode & !umask & 0o7777;
             let pst = rustix::fs::statat(&dir.fd, "", AtFlags::EMPTY_PATH).map_err(en)?;
             if pst.st_mode & libc::S_ISGID != 0 {
@@ -734,8 +736,7 @@ impl VaultFs {
                 bn.name(),
                 RenameFlags::NOREPLACE,
             )
-            .map_err(en)?;
-            self.fsync_dir(&dir)
+            .map_err(en)
         })();
         if let Err(e) = result {
             let _ = rustix::fs::unlinkat(
@@ -832,10 +833,7 @@ impl VaultFs {
         self.check_writable()?;
         let dir = self.inode(parent)?;
         let bn = self.backing_name(&dir, name)?;
-        let st = rustix::fs::statat(&dir.fd, bn.name(), AtFlags::SYMLINK_NOFOLLOW).map_err(en)?;
-        if Kind::from_mode(st.st_mode) == Kind::Dir {
-            return Err(libc::EISDIR);
-        }
+        // unlinkat refuses a directory with EISDIR itself, as unlink(2) does on ext4.
         rustix::fs::unlinkat(&dir.fd, bn.name(), AtFlags::empty()).map_err(en)?;
         self.remove_long_side(&dir, &bn);
         Ok(())
