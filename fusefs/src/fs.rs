@@ -273,12 +273,16 @@ impl VaultFs {
             AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
         )
         .map_err(en)?;
-        let mut a = self.attr_of(&st);
+        Ok(self.attr_with_content(inode, &st))
+    }
+
+    fn attr_with_content(&self, inode: &Inode, st: &Stat) -> Attr {
+        let mut a = self.attr_of(st);
         // An open file's size is the one its content state keeps.
         if let Some((_, c)) = inode.content.lock().as_ref() {
             a.size = c.read().size();
         }
-        Ok(a)
+        a
     }
 
     /// Registers a looked-up backing object (new O_PATH fd) and counts the lookup.
@@ -316,6 +320,13 @@ impl VaultFs {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let dir = self.inode(parent)?;
         let bn = self.backing_name(&dir, name)?;
+        // One stat answers a lookup of a known inode; only a new one needs a descriptor.
+        let st = rustix::fs::statat(&dir.fd, bn.name(), AtFlags::SYMLINK_NOFOLLOW).map_err(en)?;
+        let ino = self.node_id(st.st_ino);
+        if let Some(inode) = self.inodes.read().get(&ino).cloned() {
+            inode.nlookup.fetch_add(1, Ordering::Relaxed);
+            return Ok(self.attr_with_content(&inode, &st));
+        }
         let fd = self.open_child(&dir, bn.name())?;
         self.remember(fd)
     }
