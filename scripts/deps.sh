@@ -2,7 +2,7 @@
 # Installs what vaultfs needs to build, run and test on Debian 12 (run as root).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-PKGS=(fuse3 pkg-config libssl-dev build-essential attr e2fsprogs util-linux libtss2-dev swtpm swtpm-tools tpm2-tools python3)
+PKGS=(fuse3 pkg-config libssl-dev build-essential attr e2fsprogs util-linux libtss2-dev swtpm swtpm-tools tpm2-tools python3 gocryptfs bindfs)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -18,10 +18,36 @@ fn key(k: &[u8; 32]) -> Result<LessSafeKey, CipherError> {
         .map_err(|_| CipherError::Backend)
 }
 
-/// A fresh random nonce from AWS-LC's DRBG (seeded from the OS; no system call per block).
+/// Random bytes drawn from AWS-LC's DRBG (seeded from the OS) in batches; each nonce consumes
+/// its own bytes and no byte is ever handed out twice.
+struct NoncePool {
+    buf: [u8; 4092],
+    pos: usize,
+    /// The process that filled `buf`: a forked child must not reuse its parent's bytes.
+    pid: u32,
+}
+
+thread_local! {
+    static NONCES: std::cell::RefCell<NoncePool> =
+        const { std::cell::RefCell::new(NoncePool { buf: [0; 4092], pos: 4092, pid: 0 }) };
+}
+
+/// A fresh random 96-bit nonce (no system call and no DRBG call per block).
 fn random_nonce() -> Result<[u8; NONCE_BYTES], CipherError> {
     let mut n = [0u8; NONCE_BYTES];
-    aws_lc_rs::rand::fill(&mut n).map_err(|_| CipherError::Backend)?;
+    NONCES.with(|cell| {
+        let mut p = cell.try_borrow_mut().map_err(|_| CipherError::Backend)?;
+        let pid = std::process::id();
+        if p.pos + NONCE_BYTES > p.buf.len() || p.pid != pid {
+            aws_lc_rs::rand::fill(&mut p.buf).map_err(|_| CipherError::Backend)?;
+            p.pos = 0;
+            p.pid = pid;
+        }
+        let at = p.pos;
+        n.copy_from_slice(&p.buf[at..at + NONCE_BYTES]);
+        p.pos += NONCE_BYTES;
+        Ok::<(), CipherError>(())
+    })?;
     Ok(n)
 }
 
@@ -271,6 +297,14 @@ mod tests {
                 Err(CipherError::Auth),
                 "flip at {pos}"
             );
+        }
+    }
+
+    #[test]
+    fn nonces_never_repeat() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5000 {
+            assert!(seen.insert(random_nonce().unwrap()), "a nonce repeated");
         }
     }
 
