@@ -166,3 +166,15 @@ pub fn init_logging(verbose: bool) {
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
+
+/// Exits after a command-line parse failure: usage errors exit with [`exit::USAGE`], `--help`
+/// and `--version` with [`exit::OK`].
+pub fn exit_on_parse_error(e: clap::Error) -> ! {
+    let code = if e.use_stderr() {
+        exit::USAGE
+    } else {
+        exit::OK
+    };
+    let _ = e.print();
+    std::process::exit(code);
+}

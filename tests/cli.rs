@@ -169,7 +169,8 @@ fn sigterm_unmounts_cleanly_in_foreground_and_daemon_mode() {
     // Daemon mode: find the daemon and TERM it.
     v.mount();
     std::fs::write(v.p("kept"), b"persisted").unwrap();
-    let pid = find_daemon(&v.mnt);
+    let pid = rustix::process::Pid::from_raw(common::vaultfs_pid_for(&v.mnt).expect("no daemon"))
+        .unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     wait_gone(pid);
     assert!(!mounted(&v.mnt), "daemon exit left the mount behind");
@@ -200,25 +201,6 @@ fn sigterm_unmounts_cleanly_in_foreground_and_daemon_mode() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
     assert!(!mounted(&v.mnt));
-}
-
-fn find_daemon(mnt: &std::path::Path) -> rustix::process::Pid {
-    for e in std::fs::read_dir("/proc").unwrap() {
-        let e = e.unwrap();
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if args.first().is_some_and(|a| a.ends_with(b"/vaultfs"))
-            && args.contains(&mnt.to_str().unwrap().as_bytes())
-        {
-            return rustix::process::Pid::from_raw(pid).unwrap();
-        }
-    }
-    panic!("no daemon for {}", mnt.display());
 }
 
 fn wait_gone(pid: rustix::process::Pid) {

@@ -7,26 +7,6 @@ use common::{run, Vault};
 use std::io::Write;
 use std::process::Command;
 
-/// PID of the vaultfs daemon serving `mnt` (found through /proc: its command line names it).
-fn daemon_pid(mnt: &std::path::Path) -> i32 {
-    let m = mnt.to_str().unwrap();
-    for e in std::fs::read_dir("/proc").unwrap() {
-        let e = e.unwrap();
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        let is_vaultfs = args.first().is_some_and(|a| a.ends_with(b"/vaultfs"));
-        if is_vaultfs && args.contains(&m.as_bytes()) {
-            return pid;
-        }
-    }
-    panic!("no vaultfs process serving {m}");
-}
-
 fn content(i: usize) -> Vec<u8> {
     (0..(i * 977 + 10)).map(|j| (j * 7 + i) as u8).collect()
 }
@@ -69,7 +49,7 @@ fn kill_9_mid_write_then_remount() {
             n
         });
         // Kill once the writer has demonstrably written past the prefix.
-        let pid = daemon_pid(&v.mnt);
+        let pid = common::vaultfs_pid_for(&v.mnt).expect("no vaultfs serving the mount");
         loop {
             let grown = v.backing_files().iter().any(|p| {
                 std::fs::metadata(p)

@@ -380,14 +380,7 @@ impl VaultFs {
     }
 
     fn fsync_dir(&self, dir: &Inode) -> FsResult<()> {
-        let d = rustix::fs::openat(
-            &dir.fd,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(en)?;
-        rustix::fs::fsync(&d).map_err(en)
+        rustix::fs::fsync(open_dir(&dir.fd, ".")?).map_err(en)
     }
 
     /// Owner of a new object: the caller, with the group of a set-group-ID parent.
@@ -711,13 +704,7 @@ impl VaultFs {
         let tmp = format!("{RESERVED_PREFIX}tmp.{}", random_hex());
         rustix::fs::mkdirat(&dir.fd, tmp.as_str(), Mode::from_raw_mode(0o700)).map_err(en)?;
         let result = (|| {
-            let nd = rustix::fs::openat(
-                &dir.fd,
-                tmp.as_str(),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(en)?;
+            let nd = open_dir(&dir.fd, tmp.as_str())?;
             let mut iv = [0u8; DIRIV_LEN];
             getrandom::getrandom(&mut iv).map_err(|_| libc::EIO)?;
             let f = rustix::fs::openat(
@@ -936,13 +923,7 @@ impl VaultFs {
 
     fn list_dir(&self, dir: &Inode) -> FsResult<Vec<DirEntryOut>> {
         let iv = self.diriv(dir)?;
-        let d = rustix::fs::openat(
-            &dir.fd,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(en)?;
+        let d = open_dir(&dir.fd, ".")?;
         let mut out = Vec::new();
         for e in rustix::fs::Dir::read_from(&d).map_err(en)? {
             let e = e.map_err(en)?;
@@ -1041,14 +1022,7 @@ impl VaultFs {
 
     pub fn statfs(&self) -> FsResult<rustix::fs::StatVfs> {
         let root = self.inode(ROOT_INO)?;
-        let d = rustix::fs::openat(
-            &root.fd,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(en)?;
-        rustix::fs::fstatvfs(&d).map_err(en)
+        rustix::fs::fstatvfs(open_dir(&root.fd, ".")?).map_err(en)
     }
 
     // ---- extended attributes: only the user namespace, names and values encrypted ----
@@ -1151,6 +1125,17 @@ fn kind_of_dirent(t: rustix::fs::FileType) -> Kind {
         T::BlockDevice => Kind::BlockDev,
         _ => Kind::File,
     }
+}
+
+/// Opens the directory `name` under `at` for reading (listing, fsync, statvfs).
+fn open_dir(at: impl AsFd, name: &str) -> FsResult<OwnedFd> {
+    rustix::fs::openat(
+        at,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(en)
 }
 
 fn random_hex() -> String {

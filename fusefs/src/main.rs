@@ -344,15 +344,7 @@ fn main() {
             }
             a
         }
-        Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
-            let _ = e.print();
-            std::process::exit(code);
-        }
+        Err(e) => cli::exit_on_parse_error(e),
     };
     if args.foreground {
         if let Some(p) = &args.log_file {

@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use vaultfs_core::cli::{self, exit, CliError};
 use vaultfs_core::protector::ARGON2_DEFAULT;
+use vaultfs_core::protocol::Request;
 use vaultfs_core::vault::{NewProtector, Vault};
 use vaultfs_core::CipherSuite;
 
@@ -287,32 +288,24 @@ fn run(cli: Cli) -> Result<(), CliError> {
             print_status(&list, b.json);
             Ok(())
         }
-        Cmd::Create { b, vault } => simple(
-            &b,
-            vaultfs_core::protocol::Request::Create { vault },
-            "created",
-        ),
-        Cmd::Delete { b, vault } => simple(
-            &b,
-            vaultfs_core::protocol::Request::Delete { vault },
-            "deleted",
-        ),
-        Cmd::Lock { b, vault } => simple(
-            &b,
-            vaultfs_core::protocol::Request::Lock { vault },
-            "locked",
-        ),
-        Cmd::Unlock { b, vault } => simple(
-            &b,
-            vaultfs_core::protocol::Request::Unlock { vault },
-            "unlocked",
-        ),
+        Cmd::Create { b, vault } => {
+            simple(&b, &vault, |vault| Request::Create { vault }, "created")
+        }
+        Cmd::Delete { b, vault } => {
+            simple(&b, &vault, |vault| Request::Delete { vault }, "deleted")
+        }
+        Cmd::Lock { b, vault } => simple(&b, &vault, |vault| Request::Lock { vault }, "locked"),
+        Cmd::Unlock { b, vault } => {
+            simple(&b, &vault, |vault| Request::Unlock { vault }, "unlocked")
+        }
         Cmd::WaitReady { b, timeout, vault } => {
-            let req = vaultfs_core::protocol::Request::WaitReady {
-                vault,
-                timeout_ms: timeout.saturating_mul(1000),
-            };
-            simple(&b, req, "ready")
+            let timeout_ms = timeout.saturating_mul(1000);
+            simple(
+                &b,
+                &vault,
+                |vault| Request::WaitReady { vault, timeout_ms },
+                "ready",
+            )
         }
         Cmd::Protector { cmd } => match cmd {
             ProtectorCmd::List { json, cipherdir } => {
@@ -393,19 +386,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// One request about vault `name` that answers Ok (or Ready), reported as `done`.
 fn simple(
     b: &BrokerArgs,
-    req: vaultfs_core::protocol::Request,
+    name: &str,
+    make: impl FnOnce(String) -> vaultfs_core::protocol::Request,
     done: &str,
 ) -> Result<(), CliError> {
-    let name = match &req {
-        vaultfs_core::protocol::Request::Create { vault }
-        | vaultfs_core::protocol::Request::Delete { vault }
-        | vaultfs_core::protocol::Request::Lock { vault }
-        | vaultfs_core::protocol::Request::Unlock { vault }
-        | vaultfs_core::protocol::Request::WaitReady { vault, .. } => vault.clone(),
-        _ => String::new(),
-    };
+    let req = make(name.to_string());
     let wait = match &req {
         vaultfs_core::protocol::Request::WaitReady { timeout_ms, .. } => {
             u64::from(*timeout_ms) / 1000 + 10
@@ -425,15 +413,7 @@ fn main() {
     cli::init_logging(false);
     let parsed = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
-            let _ = e.print();
-            std::process::exit(code);
-        }
+        Err(e) => cli::exit_on_parse_error(e),
     };
     if let Err(e) = run(parsed) {
         eprintln!("vaultctl: {}", e.message);

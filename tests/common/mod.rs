@@ -187,3 +187,22 @@ pub fn getrandom(buf: &mut [u8]) {
         .read_exact(buf)
         .unwrap();
 }
+
+/// PID of the vaultfs process serving `mnt` (its command line names the mount point).
+pub fn vaultfs_pid_for(mnt: &Path) -> Option<i32> {
+    let m = mnt.to_str()?.as_bytes();
+    for e in std::fs::read_dir("/proc").ok()? {
+        let e = e.ok()?;
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.first().is_some_and(|a| a.ends_with(b"/vaultfs")) && args.contains(&m) {
+            return Some(pid);
+        }
+    }
+    None
+}
