@@ -4,8 +4,8 @@ use crate::fs::{Attr, Caller, Kind, VaultFs};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::path::Path;
@@ -98,7 +98,18 @@ impl fuser::Filesystem for Adapter {
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
-            | InitFlags::FUSE_DONT_MASK;
+            | InitFlags::FUSE_DONT_MASK
+            // Listing a directory returns every entry's attributes too, so `ls -l`, `find`
+            // and `rm -rf` need no LOOKUP per entry (AUTO: when the kernel sees them used).
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            // Symlink targets never change in place: the kernel may cache them.
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            // The kernel answers system.posix_acl_* reads from its ACL cache instead of asking
+            // on every `ls -l`. vaultfs stores no ACLs (setting one fails with EOPNOTSUPP, as
+            // before), so the answer is always "none". This also turns on the kernel's
+            // permission checks (default_permissions), as on ext4.
+            | InitFlags::FUSE_POSIX_ACL;
         if self.writeback {
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -318,7 +329,10 @@ impl fuser::Filesystem for Adapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do on close: writes reach the backing file when they arrive, and the
+        // kernel still reports write-back errors from close() itself. ENOSYS tells the kernel
+        // to stop sending FLUSH, saving a round trip per close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -366,6 +380,23 @@ impl fuser::Filesystem for Adapter {
     ) {
         let r = self.fs.readdir(fh.0, offset, |ino, kind, name, next| {
             reply.add(INodeNo(ino), next, ftype(kind), name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let r = self.fs.readdirplus(fh.0, offset, |name, next, a| {
+            reply.add(INodeNo(a.ino), next, name, &TTL, &fattr(a), Generation(0))
         });
         match r {
             Ok(()) => reply.ok(),
@@ -453,8 +484,9 @@ impl fuser::Filesystem for Adapter {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Permission checks are the kernel's (default_permissions).
-        reply.ok();
+        // Permission checks are the kernel's (default_permissions); ENOSYS means "always
+        // allowed" and stops further ACCESS requests.
+        reply.error(Errno::ENOSYS);
     }
 
     fn create(

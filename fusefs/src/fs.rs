@@ -77,6 +77,26 @@ pub struct Attr {
     pub rdev: u32,
 }
 
+impl Attr {
+    /// What READDIRPLUS gives for "." and "..": the kernel uses only the number and type.
+    fn dot(ino: u64) -> Attr {
+        Attr {
+            ino,
+            size: 0,
+            blocks: 0,
+            atime: SystemTime::UNIX_EPOCH,
+            mtime: SystemTime::UNIX_EPOCH,
+            ctime: SystemTime::UNIX_EPOCH,
+            kind: Kind::Dir,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+        }
+    }
+}
+
 /// Who is asking.
 #[derive(Clone, Copy, Debug)]
 pub struct Caller {
@@ -101,11 +121,13 @@ impl Inode {
     }
 }
 
-/// A directory listing snapshot, taken at opendir (and again on rewind).
+/// A directory listing snapshot, taken at the first readdir (and again on rewind).
 pub struct DirEntryOut {
     pub ino: u64,
     pub kind: Kind,
     pub name: OsString,
+    /// The entry's name in the backing directory (what a stat of it needs).
+    backing: String,
 }
 
 enum Handle {
@@ -289,6 +311,11 @@ impl VaultFs {
     fn remember(&self, fd: OwnedFd) -> FsResult<Attr> {
         let st = rustix::fs::statat(&fd, "", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
             .map_err(en)?;
+        Ok(self.remember_with(fd, &st))
+    }
+
+    /// [`Self::remember`] with the descriptor's stat already taken.
+    fn remember_with(&self, fd: OwnedFd, st: &Stat) -> Attr {
         let ino = self.node_id(st.st_ino);
         let mut table = self.inodes.write();
         let inode = table.entry(ino).or_insert_with(|| {
@@ -304,7 +331,7 @@ impl VaultFs {
         inode.nlookup.fetch_add(1, Ordering::Relaxed);
         let inode = Arc::clone(inode);
         drop(table);
-        self.stat_inode(&inode)
+        self.attr_with_content(&inode, st)
     }
 
     fn open_child(&self, dir: &Inode, bn: &str) -> FsResult<OwnedFd> {
@@ -320,15 +347,19 @@ impl VaultFs {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let dir = self.inode(parent)?;
         let bn = self.backing_name(&dir, name)?;
+        self.lookup_backing(&dir, bn.name())
+    }
+
+    /// Looks up the backing entry `bn` of `dir` and counts a lookup of its inode.
+    fn lookup_backing(&self, dir: &Inode, bn: &str) -> FsResult<Attr> {
         // One stat answers a lookup of a known inode; only a new one needs a descriptor.
-        let st = rustix::fs::statat(&dir.fd, bn.name(), AtFlags::SYMLINK_NOFOLLOW).map_err(en)?;
+        let st = rustix::fs::statat(&dir.fd, bn, AtFlags::SYMLINK_NOFOLLOW).map_err(en)?;
         let ino = self.node_id(st.st_ino);
         if let Some(inode) = self.inodes.read().get(&ino).cloned() {
             inode.nlookup.fetch_add(1, Ordering::Relaxed);
             return Ok(self.attr_with_content(&inode, &st));
         }
-        let fd = self.open_child(&dir, bn.name())?;
-        self.remember(fd)
+        self.remember(self.open_child(dir, bn)?)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -947,6 +978,7 @@ impl VaultFs {
                     ino: self.node_id(e.ino()),
                     kind: kind_of_dirent(e.file_type()),
                     name: OsString::from_vec(plain),
+                    backing: n.to_string(),
                 }),
                 Err(err) => warn!(dir = dir.ino, "skipping undecryptable entry {n:?}: {err}"),
             }
@@ -974,12 +1006,14 @@ impl VaultFs {
         }
     }
 
-    /// Entries from index `offset` on; `refresh` re-reads the directory (rewinddir).
-    pub fn readdir<F: FnMut(u64, Kind, &OsStr, u64) -> bool>(
+    /// Walks a directory handle's entries from index `offset` on, "." and ".." first, handing
+    /// `f` the directory, the entry (`None` for the dots), its name and the next offset, until
+    /// `f` returns true (the reply is full). Offset 0 (re)reads the directory (rewinddir).
+    fn walk_dir<F: FnMut(&Inode, Option<&DirEntryOut>, &OsStr, u64) -> bool>(
         &self,
         fh: u64,
         offset: u64,
-        mut add: F,
+        mut f: F,
     ) -> FsResult<()> {
         let h = self.handle(fh)?;
         let Handle::Dir { inode, entries } = &*h else {
@@ -992,23 +1026,70 @@ impl VaultFs {
         // Offsets: 1 = ".", 2 = "..", 2 + i + 1 = entries[i].
         let mut idx = offset;
         if idx == 0 {
-            if add(inode.ino, Kind::Dir, OsStr::new("."), 1) {
+            if f(inode, None, OsStr::new("."), 1) {
                 return Ok(());
             }
             idx = 1;
         }
         if idx == 1 {
-            if add(inode.ino, Kind::Dir, OsStr::new(".."), 2) {
+            if f(inode, None, OsStr::new(".."), 2) {
                 return Ok(());
             }
             idx = 2;
         }
         for (i, e) in entries.iter().enumerate().skip((idx - 2) as usize) {
-            if add(e.ino, e.kind, &e.name, i as u64 + 3) {
+            if f(inode, Some(e), &e.name, i as u64 + 3) {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// READDIR: `add(node, kind, name, next offset)` returns true when the reply is full.
+    pub fn readdir<F: FnMut(u64, Kind, &OsStr, u64) -> bool>(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: F,
+    ) -> FsResult<()> {
+        self.walk_dir(fh, offset, |dir, e, name, next| match e {
+            Some(e) => add(e.ino, e.kind, name, next),
+            None => add(dir.ino, Kind::Dir, name, next),
+        })
+    }
+
+    /// READDIRPLUS: entries with their attributes, so that the kernel needs no LOOKUP for
+    /// them. `add(name, next offset, attr)` returns true when the reply is full (the entry was
+    /// not added). Every entry added counts as a lookup, which the kernel later forgets; "."
+    /// and ".." do not, as the kernel neither links nor forgets them. An entry that vanished
+    /// since the listing is left out.
+    pub fn readdirplus<F: FnMut(&OsStr, u64, &Attr) -> bool>(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: F,
+    ) -> FsResult<()> {
+        self.walk_dir(fh, offset, |dir, e, name, next| {
+            let Some(e) = e else {
+                return add(name, next, &Attr::dot(dir.ino));
+            };
+            // A known inode takes one stat; a new one an O_PATH open and an fstat.
+            let known = self.inodes.read().contains_key(&e.ino);
+            let attr = if known {
+                self.lookup_backing(dir, &e.backing)
+            } else {
+                self.open_child(dir, &e.backing)
+                    .and_then(|fd| self.remember(fd))
+            };
+            let Ok(attr) = attr else {
+                return false;
+            };
+            if add(name, next, &attr) {
+                self.forget(attr.ino, 1);
+                return true;
+            }
+            false
+        })
     }
 
     pub fn releasedir(&self, fh: u64) {
