@@ -24,7 +24,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{
-    symlink, DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt,
+    symlink, DirBuilderExt, DirEntryExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt,
+    PermissionsExt,
 };
 use std::path::{Path, PathBuf};
 
@@ -2492,4 +2493,82 @@ fn concurrent_writers(suite: &str) {
         remount(&mut v, opts);
         check(&v, "after remount");
     }
+}
+
+/// A cold listing (right after a remount, so the kernel sends READDIRPLUS and gets every
+/// entry's attributes with the names) gives the same attributes as a stat of each entry, and the
+/// same as they were before the remount; d_ino matches st_ino.
+#[test]
+fn listing_attributes_match_stat() {
+    if !common::require_fuse() {
+        return;
+    }
+    let mut v = Vault::create("aes-256-gcm");
+    v.mount();
+    let d = v.p("tree");
+    fs::create_dir(&d).unwrap();
+    for i in 0..300u32 {
+        let p = d.join(format!("f{i:03}"));
+        fs::write(&p, vec![b'x'; (i as usize * 37) % 9000]).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600 + (i % 64))).unwrap();
+    }
+    fs::create_dir(d.join("sub")).unwrap();
+    symlink("f001", d.join("link")).unwrap();
+    fs::hard_link(d.join("f002"), d.join("hard")).unwrap();
+    let snapshot = |dir: &Path| -> Vec<(OsString, u64, u64, u32, u64)> {
+        let mut out: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = fs::symlink_metadata(e.path()).unwrap();
+                assert_eq!(e.ino(), m.ino(), "d_ino of {:?}", e.file_name());
+                assert_eq!(
+                    e.file_type().unwrap(),
+                    m.file_type(),
+                    "d_type of {:?}",
+                    e.file_name()
+                );
+                (e.file_name(), m.ino(), m.size(), m.mode(), m.nlink())
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let before = snapshot(&d);
+    assert_eq!(before.len(), 303);
+    remount(&mut v, &[]);
+    let after = snapshot(&d);
+    assert_eq!(before, after);
+    let f005 = after.iter().find(|e| e.0 == "f005").unwrap();
+    assert_eq!((f005.2, f005.3 & 0o7777), (185, 0o605));
+    let hard = after.iter().find(|e| e.0 == "hard").unwrap();
+    assert_eq!(hard.4, 2, "link count of a hard-linked file");
+    // Listing again (entries now known to the kernel and to vaultfs) changes nothing.
+    assert_eq!(snapshot(&d), after);
+}
+
+/// The mount's read-ahead is raised from FUSE's 128 KiB to 4 MiB (vaultfs runs as root here),
+/// so sequential reads arrive as 1 MiB requests, several at a time.
+#[test]
+fn mount_readahead_raised() {
+    if !common::require_fuse() {
+        return;
+    }
+    let mut v = Vault::create("aes-256-gcm");
+    v.mount();
+    // vaultfs raises it at the first request (after the kernel took its INIT reply, which
+    // resets read-ahead), so before any file is opened.
+    fs::write(v.p("f"), b"x").unwrap();
+    let canon = fs::canonicalize(&v.mnt).unwrap();
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dev = table
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (Path::new(f[4]) == canon).then(|| f[2].to_string())
+        })
+        .expect("mount in mountinfo");
+    let ra = fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb")).unwrap();
+    assert_eq!(ra.trim(), "4096");
 }

@@ -24,6 +24,20 @@ pub struct Adapter {
     /// process here: fuser 0.18 would otherwise unmount the mount point again by path (taking a
     /// disconnected device for a mounted one), which removes a newer mount at the same place.
     pub on_destroy: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// Runs once, at the first LOOKUP, GETATTR or OPEN: after the kernel has taken our INIT
+    /// reply, which resets the mount's read-ahead, so that settings made here last.
+    pub after_init: Option<Box<dyn Fn() + Send + Sync>>,
+    pub after_init_done: std::sync::Once,
+}
+
+impl Adapter {
+    fn first_request(&self) {
+        self.after_init_done.call_once(|| {
+            if let Some(f) = &self.after_init {
+                f();
+            }
+        });
+    }
 }
 
 fn err(e: i32) -> Errno {
@@ -104,12 +118,11 @@ impl fuser::Filesystem for Adapter {
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             // Symlink targets never change in place: the kernel may cache them.
-            | InitFlags::FUSE_CACHE_SYMLINKS
-            // The kernel answers system.posix_acl_* reads from its ACL cache instead of asking
-            // on every `ls -l`. vaultfs stores no ACLs (setting one fails with EOPNOTSUPP, as
-            // before), so the answer is always "none". This also turns on the kernel's
-            // permission checks (default_permissions), as on ext4.
-            | InitFlags::FUSE_POSIX_ACL;
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        // Not FUSE_POSIX_ACL: it would let the kernel cache "no ACL" answers, but it also turns
+        // on default_permissions, and then every create or unlink costs a GETATTR of the
+        // directory (its attributes are invalidated by the change and needed for the next
+        // permission check), which costs more than the ACL reads it saves.
         if self.writeback {
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -124,6 +137,7 @@ impl fuser::Filesystem for Adapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.first_request();
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &fattr(&a), Generation(0)),
             Err(e) => reply.error(err(e)),
@@ -135,6 +149,7 @@ impl fuser::Filesystem for Adapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.first_request();
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &fattr(&a)),
             Err(e) => reply.error(err(e)),
@@ -280,6 +295,7 @@ impl fuser::Filesystem for Adapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.first_request();
         match self.fs.open(ino.0, flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(err(e)),

@@ -4,13 +4,39 @@
 //! Invariants: the backing file is empty or holds a valid header; every block but the last is a
 //! full block; an all-zero on-disk block is a hole and reads as zeros.
 
+use parking_lot::Mutex;
 use rustix::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use vaultfs_core::format::blocks::{self, Layout};
 use vaultfs_core::format::{FileHeader, BLOCK_SIZE, HEADER_LEN};
 use vaultfs_core::{CipherSuite, ContentCipher, SecretKey};
 
 const BS: u64 = BLOCK_SIZE as u64;
+
+/// A sequential write stream hands its backing range to the kernel's write-back each time this
+/// much has accumulated, so the disk writes while later requests are still being encrypted
+/// (instead of all at the final fsync), and dirty memory stays bounded.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+
+/// Read-around window, in backing bytes: a small request that does not continue the previous
+/// one also asks the kernel to read the aligned window around it into the backing file's page
+/// cache, as the kernel does around a page fault in a mapped file. Random 4 KiB requests then
+/// mostly find their data cached; and a partial-page write to a backing page (every vaultfs
+/// block straddles two pages) need not wait for the page to be read first.
+const RA_WINDOW: u64 = 128 << 10;
+
+/// Read-around applies only to files up to this size (an eighth of RAM): such a file can stay
+/// in the page cache, so at worst it is read once in windows; for larger files, random requests
+/// would mostly pull in data that is evicted before use, so they read exactly what they need.
+fn read_around_limit() -> u64 {
+    static LIMIT: OnceLock<u64> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let si = rustix::system::sysinfo();
+        (si.totalram as u64).saturating_mul(u64::from(si.mem_unit.max(1))) / 8
+    })
+}
 
 /// What the content layer reports; the filesystem maps it to an errno.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +75,16 @@ pub struct Content {
     cipher: Option<Box<dyn ContentCipher>>,
     /// Plaintext size, kept in step with the backing file (only we write it while it is open).
     size: u64,
+    /// Plaintext end of the last read and of the last write: a request starting there continues
+    /// a sequential stream.
+    read_end: AtomicU64,
+    write_end: u64,
+    /// Backing offset from which a sequential write stream has not yet been handed to
+    /// write-back.
+    writeback_from: Option<u64>,
+    /// Read-around windows already requested (bit per window), allocated at the first
+    /// non-sequential request.
+    around: Mutex<Vec<u64>>,
 }
 
 thread_local! {
@@ -108,6 +144,10 @@ impl Content {
             contents_key,
             cipher: None,
             size,
+            read_end: AtomicU64::new(0),
+            write_end: 0,
+            writeback_from: None,
+            around: Mutex::new(Vec::new()),
         };
         if len > 0 {
             c.load_header()?;
@@ -230,6 +270,7 @@ impl Content {
         let c = self.cipher()?;
         let dbs = self.layout.disk_block() as usize;
         let mut out = vec![0u8; (end - off) as usize];
+        let sequential = self.read_end.swap(end, Ordering::Relaxed) == off;
         self.with_disk_blocks(first, plain_len, |disk| {
             for (i, d) in disk.chunks(dbs).enumerate() {
                 let block = first + i as u64;
@@ -249,7 +290,63 @@ impl Content {
             }
             Ok(())
         })?;
+        if !sequential {
+            self.read_around(first, plain_len);
+        }
         Ok(out)
+    }
+
+    /// Asks the kernel to read the windows around the backing range of `plain_len` bytes from
+    /// block `first` that were not asked for before (see [`RA_WINDOW`]). Large requests and
+    /// large files are left alone. Advice only: it never fails a request.
+    fn read_around(&self, first: u64, plain_len: usize) {
+        let file_len = self.layout.backing_size(self.size);
+        if plain_len as u64 >= RA_WINDOW || file_len <= RA_WINDOW || file_len > read_around_limit()
+        {
+            return;
+        }
+        let b0 = self.layout.block_offset(first);
+        let b1 = b0 + (plain_len + plain_len.div_ceil(BLOCK_SIZE) * self.layout.overhead()) as u64;
+        let mut todo = [None; 2];
+        {
+            let mut bits = self.around.lock();
+            let need = file_len.div_ceil(RA_WINDOW).div_ceil(64) as usize;
+            if bits.len() < need {
+                bits.resize(need, 0);
+            }
+            for (slot, w) in todo.iter_mut().zip(b0 / RA_WINDOW..=(b1 - 1) / RA_WINDOW) {
+                let (i, m) = ((w / 64) as usize, 1u64 << (w % 64));
+                if i < bits.len() && bits[i] & m == 0 {
+                    bits[i] |= m;
+                    *slot = Some(w);
+                }
+            }
+        }
+        for w in todo.into_iter().flatten() {
+            let _ = rustix::fs::fadvise(
+                &self.fd,
+                w * RA_WINDOW,
+                NonZeroU64::new(RA_WINDOW),
+                rustix::fs::Advice::WillNeed,
+            );
+        }
+    }
+
+    /// After a write of plaintext `[off, end)` ending at backing offset `backing_end`: a
+    /// sequential stream hands every [`WRITEBACK_CHUNK`] to write-back.
+    fn note_write(&mut self, off: u64, end: u64, backing_end: u64) {
+        if off == self.write_end {
+            let from = *self
+                .writeback_from
+                .get_or_insert(backing_end.min(self.layout.block_offset(off / BS)));
+            if backing_end >= from + WRITEBACK_CHUNK {
+                crate::sys::start_writeback(self.fd.as_fd(), from, backing_end - from);
+                self.writeback_from = Some(backing_end);
+            }
+        } else {
+            self.writeback_from = None;
+        }
+        self.write_end = end;
     }
 
     /// Re-encrypts block `index` (currently `old_len` bytes long) with length `new_len`, zero-
@@ -332,11 +429,21 @@ impl Content {
                 }
             }
         }
+        if off != self.write_end && old_size > 0 {
+            // The backing pages this write partly covers must be read before they can be
+            // changed; read the window around them at once.
+            let covered =
+                (self.layout.block_len(last, new_size) as u64 + (last - first) * BS) as usize;
+            self.read_around(first, covered);
+        }
         self.seal_and_write(first, &srcs)?;
         for (_, buf) in &mut edges {
             zeroize::Zeroize::zeroize(buf);
         }
         self.size = new_size;
+        let backing_end = self.layout.block_offset(last)
+            + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
+        self.note_write(off, end, backing_end);
         Ok(data.len())
     }
 

@@ -156,6 +156,9 @@ pub struct VaultFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     is_root: bool,
+    /// Our effective uid and gid.
+    uid: u32,
+    gid: u32,
     opts: Options,
 }
 
@@ -194,6 +197,8 @@ impl VaultFs {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             is_root: rustix::process::geteuid().is_root(),
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
             opts,
         };
         let root = Arc::new(Inode {
@@ -414,9 +419,11 @@ impl VaultFs {
         rustix::fs::fsync(open_dir(&dir.fd, ".")?).map_err(en)
     }
 
-    /// Owner of a new object: the caller, with the group of a set-group-ID parent.
+    /// Owner of a new object: the caller, with the group of a set-group-ID parent. Nothing to
+    /// do when the caller is who we are: the backing file system has already given the object
+    /// our uid, and our gid or (set-group-ID parent) the parent's, just as it would the caller.
     fn chown_new(&self, dir: &Inode, fd: BorrowedFd<'_>, caller: Caller) -> FsResult<()> {
-        if !self.is_root {
+        if !self.is_root || (caller.uid == self.uid && caller.gid == self.gid) {
             return Ok(());
         }
         let pst = rustix::fs::statat(&dir.fd, "", AtFlags::EMPTY_PATH).map_err(en)?;
@@ -466,7 +473,11 @@ impl VaultFs {
         self.chown_new(&dir, file.as_fd(), caller)?;
         let attr = self.remember(self.open_child(&dir, bn.name())?)?;
         let fh = self.open_inode(attr.ino, Some(file), flags)?;
-        Ok((self.getattr(attr.ino)?, fh))
+        if flags & libc::O_TRUNC != 0 && attr.size > 0 {
+            // An existing file was emptied: its times changed too.
+            return Ok((self.getattr(attr.ino)?, fh));
+        }
+        Ok((attr, fh))
     }
 
     fn open_inode(&self, ino: u64, already: Option<OwnedFd>, flags: i32) -> FsResult<u64> {
@@ -697,24 +708,14 @@ impl VaultFs {
                 last_access: conv(atime),
                 last_modification: conv(mtime),
             };
-            if inode.kind == Kind::Symlink {
-                // The link itself, through its O_PATH descriptor.
-                rustix::fs::utimensat(
-                    &inode.fd,
-                    "",
-                    &times,
-                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(en)?;
-            } else {
-                rustix::fs::utimensat(
-                    rustix::fs::CWD,
-                    inode.proc_path().as_str(),
-                    &times,
-                    AtFlags::empty(),
-                )
-                .map_err(en)?;
-            }
+            // The object itself, through its O_PATH descriptor (for a symlink: the link).
+            rustix::fs::utimensat(
+                &inode.fd,
+                "",
+                &times,
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(en)?;
         }
         self.stat_inode(&inode)
     }

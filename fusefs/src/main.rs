@@ -257,6 +257,11 @@ fn serve(
             info!("{} unmounted; exiting", mp_done.display());
             std::process::exit(exit::OK);
         })),
+        after_init: {
+            let mp = mountpoint.to_path_buf();
+            Some(Box::new(move || raise_readahead(&mp)))
+        },
+        after_init_done: std::sync::Once::new(),
     };
     let mut session = fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
         CliError::new(
@@ -282,6 +287,65 @@ fn serve(
     });
     session_ready(session);
     Ok(())
+}
+
+/// Kernel read-ahead for the mount, in KiB. A FUSE mount starts with 128 KiB, which caps read
+/// requests at 128 KiB and keeps one or two in flight; 4 MiB lets the kernel send 1 MiB
+/// requests (our max_write) several at a time, so sequential reads keep the disk and both
+/// crypto threads busy.
+const READAHEAD_KIB: u64 = 4096;
+
+/// Raises the read-ahead of the new mount (root only; otherwise it stays at the default).
+fn raise_readahead(mountpoint: &Path) {
+    let Some(dev) = mount_device(mountpoint) else {
+        tracing::debug!("mount device of {} not found", mountpoint.display());
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    let current = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if current.is_some_and(|v| v < READAHEAD_KIB) {
+        if let Err(e) = std::fs::write(&path, READAHEAD_KIB.to_string()) {
+            tracing::debug!("cannot raise read-ahead ({path}): {e}");
+        }
+    }
+}
+
+/// The "major:minor" of the mount at `mountpoint`, from /proc/self/mountinfo (the last, so
+/// the topmost, mount there). Read from the table, not by stat, which this process would have
+/// to answer itself.
+fn mount_device(mountpoint: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = std::fs::canonicalize(mountpoint).ok()?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    table.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let dev = f.nth(2)?;
+        let mp = f.nth(1)?;
+        (unescape_mountinfo(mp) == want.as_os_str().as_bytes()).then(|| dev.to_string())
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space and so on).
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = |c: &u8| (b'0'..=b'7').contains(c);
+        if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(octal) {
+            let v = b[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// Tells a waiting parent that the mount is up, then serves until unmounted.
@@ -433,5 +497,21 @@ fn main() {
                 std::process::exit(e.code);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape_mountinfo;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo("/x\\134y\\011"), b"/x\\y\t");
+        assert_eq!(unescape_mountinfo("/plain"), b"/plain");
+        // Not an escape: too short, or not octal.
+        assert_eq!(unescape_mountinfo("/t\\04"), b"/t\\04");
+        assert_eq!(unescape_mountinfo("/t\\089"), b"/t\\089");
+        assert_eq!(unescape_mountinfo("/t\\377"), [b'/', b't', 0xff]);
     }
 }

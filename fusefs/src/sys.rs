@@ -35,3 +35,17 @@ pub fn inherited_fd(fd: i32) -> Option<std::fs::File> {
     // this process refers to it, so the File becomes its only owner.
     Some(unsafe { std::fs::File::from_raw_fd(fd) })
 }
+
+/// Starts write-back of a byte range of `fd` without waiting for it (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`). A hint for the kernel: it promises no durability, and a failure
+/// changes nothing (a later fsync reports real errors), so none is returned.
+pub fn start_writeback(fd: std::os::fd::BorrowedFd<'_>, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a syscall on a descriptor the caller keeps open for the call; no memory is passed.
+    unsafe {
+        libc::sync_file_range(fd.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
