@@ -258,7 +258,8 @@ fn serve(
             std::process::exit(exit::OK);
         })),
         after_init: {
-            let mp = mountpoint.to_path_buf();
+            // Resolved now: once mounted, resolving it could mean asking ourselves.
+            let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
             Some(Box::new(move || raise_readahead(&mp)))
         },
         after_init_done: std::sync::Once::new(),
@@ -295,7 +296,8 @@ fn serve(
 /// crypto threads busy.
 const READAHEAD_KIB: u64 = 4096;
 
-/// Raises the read-ahead of the new mount (root only; otherwise it stays at the default).
+/// Raises the read-ahead of the new mount at `mountpoint` (an absolute path without symlinks)
+/// (root only; otherwise it stays at the default).
 fn raise_readahead(mountpoint: &Path) {
     let Some(dev) = mount_device(mountpoint) else {
         tracing::debug!("mount device of {} not found", mountpoint.display());
@@ -317,13 +319,12 @@ fn raise_readahead(mountpoint: &Path) {
 /// to answer itself.
 fn mount_device(mountpoint: &Path) -> Option<String> {
     use std::os::unix::ffi::OsStrExt;
-    let want = std::fs::canonicalize(mountpoint).ok()?;
     let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     table.lines().rev().find_map(|l| {
         let mut f = l.split(' ');
         let dev = f.nth(2)?;
         let mp = f.nth(1)?;
-        (unescape_mountinfo(mp) == want.as_os_str().as_bytes()).then(|| dev.to_string())
+        (unescape_mountinfo(mp) == mountpoint.as_os_str().as_bytes()).then(|| dev.to_string())
     })
 }
 
