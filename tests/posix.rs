@@ -2572,3 +2572,61 @@ fn mount_readahead_raised() {
     let ra = fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb")).unwrap();
     assert_eq!(ra.trim(), "4096");
 }
+
+/// Directory positions: telldir/seekdir return to the same place, rewinddir starts over, and
+/// unlinking each entry as it is read (what `rm -rf` does) still visits every entry once.
+#[test]
+fn readdir_positions_and_unlink_while_listing() {
+    if !common::require_fuse() {
+        return;
+    }
+    let mut v = Vault::create("aes-256-gcm");
+    v.mount();
+    let d = v.p("pos");
+    fs::create_dir(&d).unwrap();
+    let n = 700;
+    for i in 0..n {
+        File::create(d.join(format!("entry-{i:04}-{}", "y".repeat(i % 50)))).unwrap();
+    }
+    let cpath = CString::new(d.as_os_str().as_bytes()).unwrap();
+    // SAFETY: libc directory stream calls on a stream we own and close; entry names are copied
+    // before the next readdir.
+    unsafe {
+        let dirp = libc::opendir(cpath.as_ptr());
+        assert!(!dirp.is_null());
+        let next = |dirp: *mut libc::DIR| -> Option<OsString> {
+            let e = libc::readdir(dirp);
+            (!e.is_null()).then(|| {
+                OsStr::from_bytes(std::ffi::CStr::from_ptr((*e).d_name.as_ptr()).to_bytes())
+                    .to_os_string()
+            })
+        };
+        let first: Vec<OsString> = (0..300).map_while(|_| next(dirp)).collect();
+        assert_eq!(first.len(), 300);
+        let pos = libc::telldir(dirp);
+        let after: Vec<OsString> = (0..20).map_while(|_| next(dirp)).collect();
+        libc::seekdir(dirp, pos);
+        let again: Vec<OsString> = (0..20).map_while(|_| next(dirp)).collect();
+        assert_eq!(after, again, "seekdir to a telldir position");
+        libc::rewinddir(dirp);
+        let restart: Vec<OsString> = (0..300).map_while(|_| next(dirp)).collect();
+        assert_eq!(first, restart, "rewinddir");
+        libc::closedir(dirp);
+
+        // Unlink every entry right after reading it.
+        let dirp = libc::opendir(cpath.as_ptr());
+        assert!(!dirp.is_null());
+        let mut seen = HashSet::new();
+        while let Some(name) = next(dirp) {
+            if name == "." || name == ".." {
+                continue;
+            }
+            assert!(seen.insert(name.clone()), "{name:?} listed twice");
+            fs::remove_file(d.join(&name)).unwrap();
+        }
+        libc::closedir(dirp);
+        assert_eq!(seen.len(), n);
+    }
+    assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+    fs::remove_dir(&d).unwrap();
+}

@@ -118,7 +118,8 @@ impl fuser::Filesystem for Adapter {
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             // Symlink targets never change in place: the kernel may cache them.
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
         // Not FUSE_POSIX_ACL: it would let the kernel cache "no ACL" answers, but it also turns
         // on default_permissions, and then every create or unlink costs a GETATTR of the
         // directory (its attributes are invalidated by the change and needed for the next
@@ -379,22 +380,21 @@ impl fuser::Filesystem for Adapter {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(err(e)),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // Listing is stateless (by inode and backing cookie): ENOSYS makes the kernel stop
+        // sending OPENDIR and RELEASEDIR, two round trips per directory listed.
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = self.fs.readdir(fh.0, offset, |ino, kind, name, next| {
+        let r = self.fs.readdir(ino.0, offset, |ino, kind, name, next| {
             reply.add(INodeNo(ino), next, ftype(kind), name)
         });
         match r {
@@ -406,30 +406,18 @@ impl fuser::Filesystem for Adapter {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let r = self.fs.readdirplus(fh.0, offset, |name, next, a| {
+        let r = self.fs.readdirplus(ino.0, offset, |name, next, a| {
             reply.add(INodeNo(a.ino), next, name, &TTL, &fattr(a), Generation(0))
         });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
         }
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.fs.releasedir(fh.0);
-        reply.ok();
     }
 
     fn fsyncdir(

@@ -121,7 +121,7 @@ impl Inode {
     }
 }
 
-/// A directory listing snapshot, taken at the first readdir (and again on rewind).
+/// One decrypted directory entry.
 pub struct DirEntryOut {
     pub ino: u64,
     pub kind: Kind,
@@ -134,10 +134,6 @@ enum Handle {
     File {
         inode: Arc<Inode>,
         content: Arc<RwLock<Content>>,
-    },
-    Dir {
-        inode: Arc<Inode>,
-        entries: Mutex<Vec<DirEntryOut>>,
     },
 }
 
@@ -544,7 +540,6 @@ impl VaultFs {
     fn file_content(&self, fh: u64) -> FsResult<(Arc<Inode>, Arc<RwLock<Content>>)> {
         match &*self.handle(fh)? {
             Handle::File { inode, content } => Ok((Arc::clone(inode), Arc::clone(content))),
-            Handle::Dir { .. } => Err(libc::EISDIR),
         }
     }
 
@@ -570,13 +565,12 @@ impl VaultFs {
     pub fn release(&self, fh: u64) {
         let h = self.handles.write().remove(&fh);
         if let Some(h) = h {
-            if let Handle::File { inode, .. } = &*h {
-                let mut slot = inode.content.lock();
-                if let Some((n, _)) = slot.as_mut() {
-                    *n -= 1;
-                    if *n == 0 {
-                        *slot = None;
-                    }
+            let Handle::File { inode, .. } = &*h;
+            let mut slot = inode.content.lock();
+            if let Some((n, _)) = slot.as_mut() {
+                *n -= 1;
+                if *n == 0 {
+                    *slot = None;
                 }
             }
         }
@@ -935,58 +929,6 @@ impl VaultFs {
         Ok(())
     }
 
-    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let inode = self.inode(ino)?;
-        if inode.kind != Kind::Dir {
-            return Err(libc::ENOTDIR);
-        }
-        // Listed at the first readdir (offset 0), and again on every rewind.
-        self.diriv(&inode)?;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().insert(
-            fh,
-            Arc::new(Handle::Dir {
-                inode,
-                entries: Mutex::new(Vec::new()),
-            }),
-        );
-        Ok(fh)
-    }
-
-    fn list_dir(&self, dir: &Inode) -> FsResult<Vec<DirEntryOut>> {
-        let iv = self.diriv(dir)?;
-        let d = open_dir(&dir.fd, ".")?;
-        let mut out = Vec::new();
-        for e in rustix::fs::Dir::read_from(&d).map_err(en)? {
-            let e = e.map_err(en)?;
-            let raw: &CStr = e.file_name();
-            let Ok(n) = raw.to_str() else { continue };
-            if n == "." || n == ".." {
-                continue;
-            }
-            let encoded = if names::is_long_entry(n) {
-                match self.read_long_side(&d, n) {
-                    Some(full) => full,
-                    None => continue,
-                }
-            } else if n.starts_with(RESERVED_PREFIX) {
-                continue;
-            } else {
-                n.to_string()
-            };
-            match self.names.decrypt(&iv, &encoded) {
-                Ok(plain) => out.push(DirEntryOut {
-                    ino: self.node_id(e.ino()),
-                    kind: kind_of_dirent(e.file_type()),
-                    name: OsString::from_vec(plain),
-                    backing: n.to_string(),
-                }),
-                Err(err) => warn!(dir = dir.ino, "skipping undecryptable entry {n:?}: {err}"),
-            }
-        }
-        Ok(out)
-    }
-
     fn read_long_side(&self, d: &OwnedFd, n: &str) -> Option<String> {
         let f = rustix::fs::openat(
             d,
@@ -1007,40 +949,63 @@ impl VaultFs {
         }
     }
 
-    /// Walks a directory handle's entries from index `offset` on, "." and ".." first, handing
-    /// `f` the directory, the entry (`None` for the dots), its name and the next offset, until
-    /// `f` returns true (the reply is full). Offset 0 (re)reads the directory (rewinddir).
+    /// Walks directory `ino` from position `offset` (0 for the start, or a cookie handed out
+    /// with an earlier entry), handing `f` the directory, the entry (`None` for "." and ".."),
+    /// its name and the cookie of the position after it, until `f` returns true (the reply is
+    /// full). Stateless: vaultfs answers OPENDIR with ENOSYS, so the kernel sends no
+    /// OPENDIR/RELEASEDIR round trips and every call opens the backing directory, seeks to the
+    /// cookie and reads on. The cookies are the backing file system's, as stable as ext4's.
+    /// Reserved names are skipped, as are entries that fail to decrypt (with a warning).
     fn walk_dir<F: FnMut(&Inode, Option<&DirEntryOut>, &OsStr, u64) -> bool>(
         &self,
-        fh: u64,
+        ino: u64,
         offset: u64,
         mut f: F,
     ) -> FsResult<()> {
-        let h = self.handle(fh)?;
-        let Handle::Dir { inode, entries } = &*h else {
+        let dir = self.inode(ino)?;
+        if dir.kind != Kind::Dir {
             return Err(libc::ENOTDIR);
-        };
-        let mut entries = entries.lock();
-        if offset == 0 {
-            *entries = self.list_dir(inode)?;
         }
-        // Offsets: 1 = ".", 2 = "..", 2 + i + 1 = entries[i].
-        let mut idx = offset;
-        if idx == 0 {
-            if f(inode, None, OsStr::new("."), 1) {
-                return Ok(());
+        let iv = self.diriv(&dir)?;
+        let mut it = rustix::fs::Dir::new(open_dir(&dir.fd, ".")?).map_err(en)?;
+        if offset != 0 {
+            it.seek(i64::try_from(offset).map_err(|_| libc::EINVAL)?)
+                .map_err(en)?;
+        }
+        while let Some(e) = it.read() {
+            let e = e.map_err(en)?;
+            let next = e.offset() as u64;
+            let raw: &CStr = e.file_name();
+            let Ok(n) = raw.to_str() else { continue };
+            if n == "." || n == ".." {
+                if f(&dir, None, OsStr::new(n), next) {
+                    break;
+                }
+                continue;
             }
-            idx = 1;
-        }
-        if idx == 1 {
-            if f(inode, None, OsStr::new(".."), 2) {
-                return Ok(());
-            }
-            idx = 2;
-        }
-        for (i, e) in entries.iter().enumerate().skip((idx - 2) as usize) {
-            if f(inode, Some(e), &e.name, i as u64 + 3) {
-                break;
+            let encoded = if names::is_long_entry(n) {
+                match self.read_long_side(&dir.fd, n) {
+                    Some(full) => full,
+                    None => continue,
+                }
+            } else if n.starts_with(RESERVED_PREFIX) {
+                continue;
+            } else {
+                n.to_string()
+            };
+            match self.names.decrypt(&iv, &encoded) {
+                Ok(plain) => {
+                    let out = DirEntryOut {
+                        ino: self.node_id(e.ino()),
+                        kind: kind_of_dirent(e.file_type()),
+                        name: OsString::from_vec(plain),
+                        backing: n.to_string(),
+                    };
+                    if f(&dir, Some(&out), &out.name, next) {
+                        break;
+                    }
+                }
+                Err(err) => warn!(dir = dir.ino, "skipping undecryptable entry {n:?}: {err}"),
             }
         }
         Ok(())
@@ -1049,11 +1014,11 @@ impl VaultFs {
     /// READDIR: `add(node, kind, name, next offset)` returns true when the reply is full.
     pub fn readdir<F: FnMut(u64, Kind, &OsStr, u64) -> bool>(
         &self,
-        fh: u64,
+        ino: u64,
         offset: u64,
         mut add: F,
     ) -> FsResult<()> {
-        self.walk_dir(fh, offset, |dir, e, name, next| match e {
+        self.walk_dir(ino, offset, |dir, e, name, next| match e {
             Some(e) => add(e.ino, e.kind, name, next),
             None => add(dir.ino, Kind::Dir, name, next),
         })
@@ -1066,11 +1031,11 @@ impl VaultFs {
     /// since the listing is left out.
     pub fn readdirplus<F: FnMut(&OsStr, u64, &Attr) -> bool>(
         &self,
-        fh: u64,
+        ino: u64,
         offset: u64,
         mut add: F,
     ) -> FsResult<()> {
-        self.walk_dir(fh, offset, |dir, e, name, next| {
+        self.walk_dir(ino, offset, |dir, e, name, next| {
             let Some(e) = e else {
                 return add(name, next, &Attr::dot(dir.ino));
             };
@@ -1091,10 +1056,6 @@ impl VaultFs {
             }
             false
         })
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.handles.write().remove(&fh);
     }
 
     pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
