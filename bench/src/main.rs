@@ -322,16 +322,12 @@ fn run(cfg: Config) -> Result<ExitCode> {
     let mut reps_done = 0;
 
     'reps: for rep in 1..=cfg.reps {
-        // Each repetition starts one system further on, so no system always follows the same
-        // one: a system's leftovers on the shared file system (a journal-less ext4 skips
-        // recently deleted inode numbers when allocating, which slows creates for minutes after
-        // a large delete) then do not always fall on the same neighbour.
-        let start = (rep as usize - 1) % systems.len().max(1);
-        let order: Vec<_> = systems[start..]
-            .iter()
-            .chain(&systems[..start])
-            .copied()
-            .collect();
+        // Repetition 1 runs the systems in the listed order; each later one in a different
+        // fixed shuffle, so that no system always follows the same neighbour and inherits its
+        // leftovers on the shared disk (the discard and write-back of what the previous system
+        // deleted; on a journal-less ext4, inode numbers it just freed, which the allocator
+        // skips for minutes).
+        let order = rep_order(&systems, rep);
         for &s in &order {
             let tag = format!("rep {rep}/{} {}", cfg.reps, s.name());
             progress.step(format!("{tag}: setting up"));
@@ -714,5 +710,58 @@ fn machine(work: &Path, loadavg_start: String) -> Machine {
         work_dir_fs,
         loadavg_start,
         loadavg_end: loadavg(),
+    }
+}
+
+/// The order of the systems in repetition `rep` (1-based): as listed for the first, then a
+/// Fisher-Yates shuffle seeded by the repetition number (the same on every run).
+fn rep_order<T: Copy>(systems: &[T], rep: u32) -> Vec<T> {
+    let mut order = systems.to_vec();
+    if rep <= 1 {
+        return order;
+    }
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(rep).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    for i in (1..order.len()).rev() {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let r = state.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let j = (r % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::rep_order;
+
+    #[test]
+    fn repetition_orders_are_permutations_with_changing_neighbours() {
+        let systems: Vec<u32> = (0..8).collect();
+        assert_eq!(rep_order(&systems, 1), systems);
+        let orders: Vec<Vec<u32>> = (1..=3).map(|r| rep_order(&systems, r)).collect();
+        for o in &orders {
+            let mut sorted = o.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, systems);
+        }
+        // Deterministic from run to run.
+        assert_eq!(rep_order(&systems, 2), orders[1]);
+        // Over the three repetitions, most systems have more than one predecessor.
+        let pred = |o: &Vec<u32>, x: u32| {
+            let i = o.iter().position(|&y| y == x).unwrap();
+            (i > 0).then(|| o[i - 1])
+        };
+        let varied = systems
+            .iter()
+            .filter(|&&x| {
+                let p: std::collections::HashSet<_> = orders.iter().map(|o| pred(o, x)).collect();
+                p.len() > 1
+            })
+            .count();
+        assert!(varied >= 6, "only {varied} systems change predecessor");
     }
 }
