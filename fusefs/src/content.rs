@@ -82,6 +82,9 @@ pub struct Content {
     /// Backing offset from which a sequential write stream has not yet been handed to
     /// write-back.
     writeback_from: Option<u64>,
+    /// Start of the chunk last handed to write-back, to be dropped from the backing page cache
+    /// when the next one is.
+    dropped_from: Option<u64>,
     /// Read-around windows already requested (bit per window), allocated at the first
     /// non-sequential request.
     around: Mutex<Vec<u64>>,
@@ -147,6 +150,7 @@ impl Content {
             read_end: AtomicU64::new(0),
             write_end: 0,
             writeback_from: None,
+            dropped_from: None,
             around: Mutex::new(Vec::new()),
         };
         if len > 0 {
@@ -342,9 +346,22 @@ impl Content {
             if backing_end >= from + WRITEBACK_CHUNK {
                 crate::sys::start_writeback(self.fd.as_fd(), from, backing_end - from);
                 self.writeback_from = Some(backing_end);
+                // Drop-behind: the chunk handed to write-back one chunk ago is written by now
+                // (pages still dirty or under write-back are left alone). Its ciphertext pages
+                // would only duplicate the plaintext the mount's own cache holds, so let the
+                // kernel reuse them for the next chunk instead of allocating new ones.
+                if let Some(prev) = self.dropped_from.replace(from) {
+                    let _ = rustix::fs::fadvise(
+                        &self.fd,
+                        prev,
+                        NonZeroU64::new(from.saturating_sub(prev)),
+                        rustix::fs::Advice::DontNeed,
+                    );
+                }
             }
         } else {
             self.writeback_from = None;
+            self.dropped_from = None;
         }
         self.write_end = end;
     }
