@@ -54,21 +54,7 @@ impl std::error::Error for Interrupted {}
 
 /// Runs a command to completion with stdin and stdout discarded; fails with its stderr.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .with_context(|| format!("running {}", describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}): {}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    output(cmd.stdout(Stdio::null())).map(|_| ())
 }
 
 /// Runs a command and returns its standard output.

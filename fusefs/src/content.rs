@@ -201,6 +201,16 @@ impl Content {
         self.set_cipher(&hdr)
     }
 
+    /// Plaintext bytes held by blocks `first..=last` of a file of `size` bytes.
+    fn span_len(&self, first: u64, last: u64, size: u64) -> usize {
+        (self.layout.block_len(last, size) as u64 + (last - first) * BS) as usize
+    }
+
+    /// On-disk bytes of whole blocks holding `plain_len` plaintext bytes.
+    fn disk_len(&self, plain_len: usize) -> usize {
+        plain_len + plain_len.div_ceil(BLOCK_SIZE) * self.layout.overhead()
+    }
+
     fn cipher(&self) -> Result<&dyn ContentCipher> {
         self.cipher
             .as_deref()
@@ -231,8 +241,7 @@ impl Content {
         plain_len: usize,
         f: impl FnOnce(&[u8]) -> Result<T>,
     ) -> Result<T> {
-        let n_blocks = plain_len.div_ceil(BLOCK_SIZE);
-        let disk_len = plain_len + n_blocks * self.layout.overhead();
+        let disk_len = self.disk_len(plain_len);
         with_scratch(disk_len, |disk| {
             let got = pread_exact(&self.fd, disk, self.layout.block_offset(first))?;
             if got != disk_len {
@@ -269,8 +278,7 @@ impl Content {
         let end = (off + len as u64).min(self.size);
         let first = blocks::block_of(off);
         let last = blocks::block_of(end - 1);
-        let plain_len =
-            (self.layout.block_len(last, self.size) as u64 + (last - first) * BS) as usize;
+        let plain_len = self.span_len(first, last, self.size);
         let c = self.cipher()?;
         let dbs = self.layout.disk_block() as usize;
         let mut out = vec![0u8; (end - off) as usize];
@@ -310,7 +318,7 @@ impl Content {
             return;
         }
         let b0 = self.layout.block_offset(first);
-        let b1 = b0 + (plain_len + plain_len.div_ceil(BLOCK_SIZE) * self.layout.overhead()) as u64;
+        let b1 = b0 + self.disk_len(plain_len) as u64;
         let mut todo = [None; 2];
         {
             let mut bits = self.around.lock();
@@ -449,8 +457,7 @@ impl Content {
         if off != self.write_end && old_size > 0 {
             // The backing pages this write partly covers must be read before they can be
             // changed; read the window around them at once.
-            let covered =
-                (self.layout.block_len(last, new_size) as u64 + (last - first) * BS) as usize;
+            let covered = self.span_len(first, last, new_size);
             self.read_around(first, covered);
         }
         self.seal_and_write(first, &srcs)?;

@@ -312,11 +312,6 @@ impl VaultFs {
     fn remember(&self, fd: OwnedFd) -> FsResult<Attr> {
         let st = rustix::fs::statat(&fd, "", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW)
             .map_err(en)?;
-        Ok(self.remember_with(fd, &st))
-    }
-
-    /// [`Self::remember`] with the descriptor's stat already taken.
-    fn remember_with(&self, fd: OwnedFd, st: &Stat) -> Attr {
         let ino = self.node_id(st.st_ino);
         let mut table = self.inodes.write();
         let inode = table.entry(ino).or_insert_with(|| {
@@ -332,7 +327,7 @@ impl VaultFs {
         inode.nlookup.fetch_add(1, Ordering::Relaxed);
         let inode = Arc::clone(inode);
         drop(table);
-        self.attr_with_content(&inode, st)
+        Ok(self.attr_with_content(&inode, &st))
     }
 
     fn open_child(&self, dir: &Inode, bn: &str) -> FsResult<OwnedFd> {
