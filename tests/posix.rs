@@ -2723,3 +2723,59 @@ fn everyday_tools_round_trip() {
         assert_eq!(m.len(), 10, "mode string {m:?} carries a marker");
     }
 }
+
+/// A missing name is cached by the kernel as a negative entry (vaultfs answers LOOKUP with a
+/// timeout); every way of making the name exist through the mount shows it at once.
+#[test]
+fn negative_entries_give_way_to_new_names() {
+    if !common::require_fuse() {
+        return;
+    }
+    let mut v = Vault::create("aes-256-gcm");
+    v.mount();
+    let d = v.p("d");
+    fs::create_dir(&d).unwrap();
+    put(&d.join("src"), b"source").unwrap();
+    let missing = |n: &str| {
+        let r = fs::symlink_metadata(d.join(n));
+        assert_eq!(
+            r.map_err(|e| e.raw_os_error()).err(),
+            Some(Some(libc::ENOENT)),
+            "{n} should be missing"
+        );
+        // Asked twice: the second answer comes from the kernel's negative entry.
+        assert!(File::open(d.join(n)).is_err());
+    };
+    type Make<'a> = (&'a str, &'a dyn Fn(&Path) -> std::io::Result<()>);
+    let makers: [Make; 6] = [
+        ("create", &|p| fs::write(p, b"new")),
+        ("mkdir", &|p| fs::create_dir(p)),
+        ("symlink", &|p| symlink("src", p)),
+        ("link", &|p| fs::hard_link(d.join("src"), p)),
+        ("rename", &|p| {
+            put(&d.join("tmp"), b"moved").map_err(std::io::Error::from_raw_os_error)?;
+            fs::rename(d.join("tmp"), p)
+        }),
+        ("mknod fifo", &|p| {
+            mkfifo(p, 0o600).map_err(std::io::Error::from_raw_os_error)
+        }),
+    ];
+    for (what, make) in makers {
+        let n = format!("n-{}", what.replace(' ', "-"));
+        missing(&n);
+        make(&d.join(&n)).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let m = fs::symlink_metadata(d.join(&n));
+        assert!(m.is_ok(), "{what}: new name not visible: {m:?}");
+        assert!(names(&d).unwrap().contains(&OsString::from(&n)), "{what}");
+    }
+    // And the other way round: a removed name is missing at once, also when cached before.
+    for n in ["n-create", "n-mkdir", "n-symlink"] {
+        let p = d.join(n);
+        if p.is_dir() {
+            fs::remove_dir(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+        missing(n);
+    }
+}

@@ -81,6 +81,27 @@ fn fattr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The reply to a LOOKUP of a missing name: node id 0 ("no such entry, for this long").
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
@@ -146,6 +167,11 @@ impl fuser::Filesystem for Adapter {
         self.first_request();
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &fattr(&a), Generation(0)),
+            // A negative entry (node id 0) with a timeout: the kernel keeps the negative dentry
+            // instead of asking again on every stat or open of the missing name (PATH searches,
+            // module probing). Creating the name through the mount replaces it at once; vaultfs
+            // is the only writer of its backing tree.
+            Err(libc::ENOENT) => reply.entry(&TTL, &negative_entry(), Generation(0)),
             Err(e) => reply.error(err(e)),
         }
     }
