@@ -345,9 +345,15 @@ impl fuser::Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(err(e)),
+        // The reply is sent from inside the read, straight from the reused plaintext buffer.
+        let mut reply = Some(reply);
+        let sent = self.fs.read(fh.0, offset, size, |d| {
+            if let Some(r) = reply.take() {
+                r.data(d);
+            }
+        });
+        if let (Err(e), Some(r)) = (sent, reply.take()) {
+            r.error(err(e));
         }
     }
 

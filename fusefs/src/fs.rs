@@ -538,10 +538,11 @@ impl VaultFs {
         }
     }
 
-    pub fn read(&self, fh: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+    /// Reads up to `size` bytes at `off` and hands them to `f` (a reply), from a reused buffer.
+    pub fn read<T>(&self, fh: u64, off: u64, size: u32, f: impl FnOnce(&[u8]) -> T) -> FsResult<T> {
         let (inode, c) = self.file_content(fh)?;
         let c = c.read();
-        c.read(off, size as usize).map_err(|e| {
+        c.read_with(off, size as usize, f).map_err(|e| {
             error!(ino = inode.ino, offset = off, file = %c.backing_path(), "read failed: {e}");
             ce(e)
         })
