@@ -2779,3 +2779,80 @@ fn negative_entries_give_way_to_new_names() {
         missing(n);
     }
 }
+
+/// Large block-aligned writes to one file from several threads at once, as the kernel's
+/// write-back and direct I/O send them: vaultfs seals such requests in parallel outside the
+/// file's lock and commits them one by one. Chunks are rewritten in varying order (buffered and
+/// `O_DIRECT`, some ending mid-block at the end of the file while others extend it); afterwards,
+/// and after a remount, every chunk reads back as its last write.
+#[test]
+fn parallel_large_writes_one_file() {
+    if !common::require_fuse() {
+        return;
+    }
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 24;
+    const THREADS: usize = 4;
+    const ROUNDS: u64 = 3;
+    // The last chunk ends 1000 bytes short of a block, so it is always a partial tail.
+    let len_of = |c: usize| if c == CHUNKS - 1 { CHUNK - 1000 } else { CHUNK };
+    let content = |c: usize, round: u64| pattern((c as u64) << 8 | round, len_of(c));
+    for suite in ["aes-256-gcm", "aes-256-xts"] {
+        let mut v = Vault::create(suite);
+        v.mount();
+        let p = v.p("big");
+        File::create(&p).unwrap();
+        for round in 0..ROUNDS {
+            std::thread::scope(|s| {
+                for t in 0..THREADS {
+                    let p = &p;
+                    s.spawn(move || {
+                        let direct = (t + round as usize).is_multiple_of(2);
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+                            .open(p)
+                            .unwrap();
+                        // Each thread its own chunks, in an order that differs per round.
+                        let mut mine: Vec<usize> = (t..CHUNKS).step_by(THREADS).collect();
+                        if round % 2 == 1 {
+                            mine.reverse();
+                        }
+                        for c in mine {
+                            // O_DIRECT needs an aligned buffer: copy into one.
+                            let data = content(c, round);
+                            let mut buf = vec![0u8; CHUNK + 4096];
+                            let at = buf.as_ptr().align_offset(4096);
+                            buf[at..at + data.len()].copy_from_slice(&data);
+                            f.write_all_at(&buf[at..at + data.len()], (c * CHUNK) as u64)
+                                .unwrap_or_else(|e| {
+                                    panic!("{suite}: chunk {c} round {round}: {e}")
+                                });
+                        }
+                        if !direct {
+                            f.sync_all().unwrap();
+                        }
+                    });
+                }
+            });
+            let check = |when: &str| {
+                let all = fs::read(&p).unwrap();
+                assert_eq!(
+                    all.len(),
+                    (CHUNKS - 1) * CHUNK + len_of(CHUNKS - 1),
+                    "{suite} {when}"
+                );
+                for c in 0..CHUNKS {
+                    let got = &all[c * CHUNK..c * CHUNK + len_of(c)];
+                    assert!(
+                        got == content(c, round),
+                        "{suite} {when}: chunk {c} of round {round}"
+                    );
+                }
+            };
+            check("after the writes");
+            remount(&mut v, &[]);
+            check("after a remount");
+        }
+    }
+}

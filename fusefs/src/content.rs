@@ -72,7 +72,10 @@ pub struct Content {
     suite: CipherSuite,
     layout: Layout,
     contents_key: Arc<SecretKey<32>>,
-    cipher: Option<Box<dyn ContentCipher>>,
+    cipher: Option<Arc<dyn ContentCipher>>,
+    /// Bumped whenever `cipher` changes (a new header after truncation to zero), so that blocks
+    /// sealed outside the lock under the old one are never written (see [`SealPlan`]).
+    epoch: u64,
     /// Plaintext size, kept in step with the backing file (only we write it while it is open).
     size: u64,
     /// Plaintext end of the last read and of the last write: a request starting there continues
@@ -126,6 +129,92 @@ fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> Result<T>) -> Result
     with_buffer(&SCRATCH, len, f)
 }
 
+/// Seals consecutive blocks from `first` (one plaintext slice each) into `disk`, their on-disk
+/// form back to back. Large requests split the work across two threads.
+fn seal_blocks(
+    c: &dyn ContentCipher,
+    layout: &Layout,
+    first: u64,
+    srcs: &[&[u8]],
+    disk: &mut [u8],
+) -> Result<()> {
+    let dbs = layout.disk_block() as usize;
+    let work = |(i, (p, d)): (usize, (&&[u8], &mut [u8]))| {
+        c.seal(first + i as u64, p, d)
+            .map_err(|e| ContentError::Corrupt(e.to_string()))
+    };
+    let n_blocks = srcs.len();
+    if n_blocks >= 64 {
+        let half = n_blocks / 2;
+        let (pa, pb) = srcs.split_at(half);
+        let (da, db) = disk.split_at_mut(half * dbs);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                pb.iter()
+                    .zip(db.chunks_mut(dbs))
+                    .enumerate()
+                    .try_for_each(|(i, x)| work((i + half, x)))
+            });
+            pa.iter()
+                .zip(da.chunks_mut(dbs))
+                .enumerate()
+                .try_for_each(work)?;
+            h.join()
+                .map_err(|_| ContentError::Corrupt("crypto thread panicked".into()))?
+        })
+    } else {
+        srcs.iter()
+            .zip(disk.chunks_mut(dbs))
+            .enumerate()
+            .try_for_each(work)
+    }
+}
+
+/// Smallest write sealed outside the file's lock: below it the lock is held only briefly anyway.
+const PARALLEL_MIN: usize = 64 << 10;
+
+/// How far out of order the requests of one sequential stream may be handled and still count
+/// as continuing it (several workers seal a stream's requests at once and commit them in the
+/// order they finish).
+const STREAM_SLACK: u64 = 16 << 20;
+
+/// A large write at a block boundary, to be sealed without the file's lock (see
+/// [`Content::seal_plan`]). What it seals depends only on the data, the block indices and the
+/// file's cipher: whole blocks, and a last block as long as the write leaves it.
+pub struct SealPlan {
+    cipher: Arc<dyn ContentCipher>,
+    epoch: u64,
+    layout: Layout,
+    off: u64,
+    end: u64,
+}
+
+impl SealPlan {
+    /// On-disk length of the sealed write.
+    pub fn disk_len(&self) -> usize {
+        let len = (self.end - self.off) as usize;
+        len + len.div_ceil(BLOCK_SIZE) * self.layout.overhead()
+    }
+
+    /// Seals `data` (the write's bytes) into `disk` ([`SealPlan::disk_len`] bytes).
+    pub fn seal(&self, data: &[u8], disk: &mut [u8]) -> Result<()> {
+        let srcs: Vec<&[u8]> = data.chunks(BLOCK_SIZE).collect();
+        seal_blocks(
+            self.cipher.as_ref(),
+            &self.layout,
+            blocks::block_of(self.off),
+            &srcs,
+            disk,
+        )
+    }
+}
+
+/// Runs `f` on `len` bytes of the thread's ciphertext scratch buffer (public for the write
+/// path that seals outside the file's lock).
+pub fn with_seal_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> Result<T>) -> Result<T> {
+    with_scratch(len, f)
+}
+
 fn pread_exact(fd: impl AsFd, buf: &mut [u8], off: u64) -> Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -162,6 +251,7 @@ impl Content {
             layout,
             contents_key,
             cipher: None,
+            epoch: 0,
             size,
             read_end: AtomicU64::new(0),
             write_end: 0,
@@ -203,7 +293,8 @@ impl Content {
             .suite
             .file_cipher(&self.contents_key, &hdr.file_id)
             .map_err(|e| ContentError::Corrupt(e.to_string()))?;
-        self.cipher = Some(c);
+        self.cipher = Some(Arc::from(c));
+        self.epoch += 1;
         Ok(())
     }
 
@@ -367,9 +458,17 @@ impl Content {
     }
 
     /// After a write of plaintext `[off, end)` ending at backing offset `backing_end`: a
-    /// sequential stream hands every [`WRITEBACK_CHUNK`] to write-back.
-    fn note_write(&mut self, off: u64, end: u64, backing_end: u64) {
-        if off == self.write_end {
+    /// sequential stream hands every [`WRITEBACK_CHUNK`] to write-back. Large writes sealed
+    /// outside the lock (`reordered`) can arrive here a little out of order, so for them
+    /// "sequential" means within [`STREAM_SLACK`] of the stream's end.
+    fn note_write(&mut self, off: u64, end: u64, backing_end: u64, reordered: bool) {
+        let continues = if reordered {
+            off <= self.write_end.saturating_add(STREAM_SLACK)
+                && off.saturating_add(STREAM_SLACK) >= self.write_end
+        } else {
+            off == self.write_end
+        };
+        if continues {
             let from = *self
                 .writeback_from
                 .get_or_insert(backing_end.min(self.layout.block_offset(off / BS)));
@@ -389,11 +488,12 @@ impl Content {
                     );
                 }
             }
+            self.write_end = self.write_end.max(end);
         } else {
             self.writeback_from = None;
             self.dropped_from = None;
+            self.write_end = end;
         }
-        self.write_end = end;
     }
 
     /// Re-encrypts block `index` (currently `old_len` bytes long) with length `new_len`, zero-
@@ -489,8 +589,58 @@ impl Content {
         self.size = new_size;
         let backing_end = self.layout.block_offset(last)
             + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
-        self.note_write(off, end, backing_end);
+        self.note_write(off, end, backing_end, false);
         Ok(data.len())
+    }
+
+    /// For a write of `len` bytes at `off`: what is needed to seal its blocks without holding
+    /// the file's lock, so that several large requests of a stream are encrypted at once by
+    /// different workers. Only a write that starts at a block boundary, is large, and goes to
+    /// a file that has its header qualifies; the seal is then checked and written by
+    /// [`Content::commit_sealed`] under the lock.
+    pub fn seal_plan(&self, off: u64, len: usize) -> Option<SealPlan> {
+        if !off.is_multiple_of(BS) || len < PARALLEL_MIN {
+            return None;
+        }
+        let end = off.checked_add(len as u64)?;
+        if end > MAX_FILE_SIZE {
+            return None;
+        }
+        Some(SealPlan {
+            cipher: Arc::clone(self.cipher.as_ref()?),
+            epoch: self.epoch,
+            layout: self.layout,
+            off,
+            end,
+        })
+    }
+
+    /// Writes blocks sealed by [`SealPlan::seal`] if they are still right for the file:
+    /// the same cipher, and a partial last block still the file's last block (nothing of the
+    /// file beyond the write's end). `Ok(false)`: they are not; nothing was written and the
+    /// caller writes the data the ordinary way.
+    pub fn commit_sealed(&mut self, plan: &SealPlan, disk: &[u8]) -> Result<bool> {
+        let (off, end) = (plan.off, plan.end);
+        if plan.epoch != self.epoch || self.cipher.is_none() {
+            return Ok(false);
+        }
+        let old_size = self.size;
+        if !end.is_multiple_of(BS) && old_size > end {
+            return Ok(false);
+        }
+        let first = blocks::block_of(off);
+        let last = blocks::block_of(end - 1);
+        // Growing past a partial last block that this write does not cover: complete it first.
+        if !old_size.is_multiple_of(BS) && first > old_size / BS {
+            self.fill_tail_block()?;
+        }
+        pwrite_all(&self.fd, disk, self.layout.block_offset(first))?;
+        let new_size = old_size.max(end);
+        self.size = new_size;
+        let backing_end = self.layout.block_offset(last)
+            + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
+        self.note_write(off, end, backing_end, true);
+        Ok(true)
     }
 
     /// Encrypts consecutive blocks from `first` (one plaintext slice each) and writes them in one
@@ -498,40 +648,9 @@ impl Content {
     fn seal_and_write(&self, first: u64, srcs: &[&[u8]]) -> Result<()> {
         let c = self.cipher()?;
         let oh = self.layout.overhead();
-        let n_blocks = srcs.len();
         let disk_len: usize = srcs.iter().map(|p| p.len() + oh).sum();
-        let dbs = self.layout.disk_block() as usize;
-        let work = |(i, (p, d)): (usize, (&&[u8], &mut [u8]))| {
-            c.seal(first + i as u64, p, d)
-                .map_err(|e| ContentError::Corrupt(e.to_string()))
-        };
         with_scratch(disk_len, |disk| {
-            // Large requests: split the crypto across two threads.
-            if n_blocks >= 64 {
-                let half = n_blocks / 2;
-                let (pa, pb) = srcs.split_at(half);
-                let (da, db) = disk.split_at_mut(half * dbs);
-                let r: Result<()> = std::thread::scope(|s| {
-                    let h = s.spawn(|| {
-                        pb.iter()
-                            .zip(db.chunks_mut(dbs))
-                            .enumerate()
-                            .try_for_each(|(i, x)| work((i + half, x)))
-                    });
-                    pa.iter()
-                        .zip(da.chunks_mut(dbs))
-                        .enumerate()
-                        .try_for_each(work)?;
-                    h.join()
-                        .map_err(|_| ContentError::Corrupt("crypto thread panicked".into()))?
-                });
-                r?;
-            } else {
-                srcs.iter()
-                    .zip(disk.chunks_mut(dbs))
-                    .enumerate()
-                    .try_for_each(work)?;
-            }
+            seal_blocks(c, &self.layout, first, srcs, disk)?;
             pwrite_all(&self.fd, disk, self.layout.block_offset(first))
         })
     }
@@ -549,6 +668,7 @@ impl Content {
             rustix::fs::ftruncate(&self.fd, 0)?;
             // A fresh file ID (and so a fresh key) for whatever is written next.
             self.cipher = None;
+            self.epoch += 1;
             self.size = 0;
             return Ok(());
         }
@@ -647,6 +767,96 @@ mod tests {
             }
             let all = c.read(0, model.len() + 1).unwrap();
             assert_eq!(all, model);
+        }
+    }
+
+    /// Writes sealed outside the lock and committed later, after other writes and truncations
+    /// (to zero too, which changes the file's key) have moved the file on: each commit either
+    /// writes exactly what a plain write would have, or declines, and the caller's plain write
+    /// then does; the file always matches an in-memory model.
+    #[test]
+    fn sealed_writes_model_check() {
+        for suite in [CipherSuite::Aes256Gcm, CipherSuite::Aes256Xts] {
+            let (_d, mut c) = new_content(suite);
+            let mut model: Vec<u8> = Vec::new();
+            let mut seed = 0x0fed_cba9_8765_4321u64;
+            let mut rnd = |m: u64| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed % m
+            };
+            let apply = |model: &mut Vec<u8>, off: u64, data: &[u8]| {
+                let end = off as usize + data.len();
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[off as usize..end].copy_from_slice(data);
+            };
+            let mut pending: Vec<(SealPlan, Vec<u8>, Vec<u8>)> = Vec::new();
+            let (mut committed, mut declined) = (0, 0);
+            for step in 0..800 {
+                let val = (step % 251) as u8 + 1;
+                match rnd(6) {
+                    0 => {
+                        let off = rnd(300_000);
+                        let data = vec![val; 1 + rnd(9000) as usize];
+                        c.write(off, &data).unwrap();
+                        apply(&mut model, off, &data);
+                    }
+                    1 => {
+                        let n = if rnd(4) == 0 { 0 } else { rnd(400_000) };
+                        c.truncate(n).unwrap();
+                        model.resize(n as usize, 0);
+                    }
+                    2 | 3 => {
+                        let off = rnd(80) * BS;
+                        let len = PARALLEL_MIN + rnd(200_000) as usize;
+                        let data: Vec<u8> = (0..len).map(|i| val ^ (i % 7) as u8).collect();
+                        if let Some(plan) = c.seal_plan(off, len) {
+                            let mut disk = vec![0u8; plan.disk_len()];
+                            plan.seal(&data, &mut disk).unwrap();
+                            pending.push((plan, data, disk));
+                        } else {
+                            // No header yet: the plain path (which writes one).
+                            c.write(off, &data).unwrap();
+                            apply(&mut model, off, &data);
+                        }
+                    }
+                    _ => {
+                        if !pending.is_empty() {
+                            let i = rnd(pending.len() as u64) as usize;
+                            let (plan, data, disk) = pending.swap_remove(i);
+                            if c.commit_sealed(&plan, &disk).unwrap() {
+                                committed += 1;
+                            } else {
+                                declined += 1;
+                                c.write(plan.off, &data).unwrap();
+                            }
+                            apply(&mut model, plan.off, &data);
+                        }
+                    }
+                }
+                assert_eq!(c.size(), model.len() as u64, "{suite:?} step {step}");
+                let off = rnd(model.len() as u64 + 10);
+                let len = rnd(300_000) as usize;
+                let got = c.read(off, len).unwrap();
+                let s = (off as usize).min(model.len());
+                let e = (off as usize + len).min(model.len());
+                assert_eq!(got, &model[s..e], "{suite:?} step {step} read {off}+{len}");
+                let len_on_disk = rustix::fs::fstat(c.fd()).unwrap().st_size as u64;
+                assert_eq!(
+                    len_on_disk,
+                    Layout::new(suite.overhead()).backing_size(model.len() as u64),
+                    "{suite:?} step {step}"
+                );
+            }
+            assert_eq!(c.read(0, model.len() + 1).unwrap(), model);
+            // Both outcomes were exercised.
+            assert!(
+                committed > 20 && declined > 5,
+                "{committed} committed, {declined} declined"
+            );
         }
     }
 

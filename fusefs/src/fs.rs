@@ -550,12 +550,30 @@ impl VaultFs {
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
         self.check_writable()?;
-        let (inode, c) = self.file_content(fh)?;
-        let mut c = c.write();
-        c.write(off, data).map(|n| n as u32).map_err(|e| {
+        let (inode, content) = self.file_content(fh)?;
+        let failed = |c: &Content, e: ContentError| {
             error!(ino = inode.ino, offset = off, file = %c.backing_path(), "write failed: {e}");
             ce(e)
-        })
+        };
+        // A large write at a block boundary is sealed before the file's lock is taken, so that
+        // the workers handling a stream's requests encrypt at the same time; the lock then only
+        // covers checking the seal and the pwrite.
+        let plan = content.read().seal_plan(off, data.len());
+        if let Some(plan) = plan {
+            let committed = crate::content::with_seal_buffer(plan.disk_len(), |disk| {
+                plan.seal(data, disk)?;
+                content.write().commit_sealed(&plan, disk)
+            });
+            match committed {
+                Ok(true) => return Ok(data.len() as u32),
+                Ok(false) => {} // the file changed meanwhile: write it the ordinary way
+                Err(e) => return Err(failed(&content.read(), e)),
+            }
+        }
+        let mut c = content.write();
+        c.write(off, data)
+            .map(|n| n as u32)
+            .map_err(|e| failed(&c, e))
     }
 
     pub fn release(&self, fh: u64) {
