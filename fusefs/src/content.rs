@@ -717,19 +717,56 @@ mod tests {
         (d, Content::open(fd, suite, key).unwrap())
     }
 
+    /// A small deterministic xorshift generator: `rnd(m)` is in `0..m`.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |m| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        }
+    }
+
+    /// Writes `data` at `off` into the model.
+    fn model_write(model: &mut Vec<u8>, off: u64, data: &[u8]) {
+        let end = off as usize + data.len();
+        if model.len() < end {
+            model.resize(end, 0);
+        }
+        model[off as usize..end].copy_from_slice(data);
+    }
+
+    /// The file agrees with the model: size, a random read of up to `max_read` bytes, and the
+    /// backing file's length.
+    fn check_model(
+        c: &Content,
+        model: &[u8],
+        rnd: &mut impl FnMut(u64) -> u64,
+        max_read: u64,
+        what: &str,
+    ) {
+        assert_eq!(c.size(), model.len() as u64, "{what}");
+        let off = rnd(model.len() as u64 + 10);
+        let len = rnd(max_read) as usize;
+        let got = c.read(off, len).unwrap();
+        let s = (off as usize).min(model.len());
+        let e = (off as usize + len).min(model.len());
+        assert_eq!(got, &model[s..e], "{what}: read {off}+{len}");
+        let len_on_disk = rustix::fs::fstat(c.fd()).unwrap().st_size as u64;
+        assert_eq!(
+            len_on_disk,
+            Layout::new(c.suite.overhead()).backing_size(model.len() as u64),
+            "{what}: backing length"
+        );
+    }
+
     /// Random operations checked against a plain Vec model, for both suites.
     #[test]
     fn model_check() {
         for suite in [CipherSuite::Aes256Gcm, CipherSuite::Aes256Xts] {
             let (_d, mut c) = new_content(suite);
             let mut model: Vec<u8> = Vec::new();
-            let mut seed = 0x1234_5678_9abc_def0u64;
-            let mut rnd = |m: u64| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed % m
-            };
+            let mut rnd = xorshift(0x1234_5678_9abc_def0);
             for step in 0..600 {
                 match rnd(4) {
                     0 | 1 => {
@@ -739,11 +776,7 @@ mod tests {
                         let val = (step % 251) as u8 + 1;
                         let data = vec![val; len];
                         c.write(off, &data).unwrap();
-                        let end = off as usize + len;
-                        if model.len() < end {
-                            model.resize(end, 0);
-                        }
-                        model[off as usize..end].copy_from_slice(&data);
+                        model_write(&mut model, off, &data);
                     }
                     2 => {
                         let n = rnd(60_000);
@@ -752,17 +785,12 @@ mod tests {
                     }
                     _ => {}
                 }
-                assert_eq!(c.size(), model.len() as u64, "{suite:?} step {step}");
-                let off = rnd(model.len() as u64 + 10);
-                let len = rnd(20_000) as usize;
-                let got = c.read(off, len).unwrap();
-                let s = (off as usize).min(model.len());
-                let e = (off as usize + len).min(model.len());
-                assert_eq!(got, &model[s..e], "{suite:?} step {step} read {off}+{len}");
-                let len_on_disk = rustix::fs::fstat(c.fd()).unwrap().st_size as u64;
-                assert_eq!(
-                    len_on_disk,
-                    Layout::new(suite.overhead()).backing_size(model.len() as u64)
+                check_model(
+                    &c,
+                    &model,
+                    &mut rnd,
+                    20_000,
+                    &format!("{suite:?} step {step}"),
                 );
             }
             let all = c.read(0, model.len() + 1).unwrap();
@@ -779,20 +807,7 @@ mod tests {
         for suite in [CipherSuite::Aes256Gcm, CipherSuite::Aes256Xts] {
             let (_d, mut c) = new_content(suite);
             let mut model: Vec<u8> = Vec::new();
-            let mut seed = 0x0fed_cba9_8765_4321u64;
-            let mut rnd = |m: u64| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed % m
-            };
-            let apply = |model: &mut Vec<u8>, off: u64, data: &[u8]| {
-                let end = off as usize + data.len();
-                if model.len() < end {
-                    model.resize(end, 0);
-                }
-                model[off as usize..end].copy_from_slice(data);
-            };
+            let mut rnd = xorshift(0x0fed_cba9_8765_4321);
             let mut pending: Vec<(SealPlan, Vec<u8>, Vec<u8>)> = Vec::new();
             let (mut committed, mut declined) = (0, 0);
             for step in 0..800 {
@@ -802,7 +817,7 @@ mod tests {
                         let off = rnd(300_000);
                         let data = vec![val; 1 + rnd(9000) as usize];
                         c.write(off, &data).unwrap();
-                        apply(&mut model, off, &data);
+                        model_write(&mut model, off, &data);
                     }
                     1 => {
                         let n = if rnd(4) == 0 { 0 } else { rnd(400_000) };
@@ -820,7 +835,7 @@ mod tests {
                         } else {
                             // No header yet: the plain path (which writes one).
                             c.write(off, &data).unwrap();
-                            apply(&mut model, off, &data);
+                            model_write(&mut model, off, &data);
                         }
                     }
                     _ => {
@@ -833,22 +848,16 @@ mod tests {
                                 declined += 1;
                                 c.write(plan.off, &data).unwrap();
                             }
-                            apply(&mut model, plan.off, &data);
+                            model_write(&mut model, plan.off, &data);
                         }
                     }
                 }
-                assert_eq!(c.size(), model.len() as u64, "{suite:?} step {step}");
-                let off = rnd(model.len() as u64 + 10);
-                let len = rnd(300_000) as usize;
-                let got = c.read(off, len).unwrap();
-                let s = (off as usize).min(model.len());
-                let e = (off as usize + len).min(model.len());
-                assert_eq!(got, &model[s..e], "{suite:?} step {step} read {off}+{len}");
-                let len_on_disk = rustix::fs::fstat(c.fd()).unwrap().st_size as u64;
-                assert_eq!(
-                    len_on_disk,
-                    Layout::new(suite.overhead()).backing_size(model.len() as u64),
-                    "{suite:?} step {step}"
+                check_model(
+                    &c,
+                    &model,
+                    &mut rnd,
+                    300_000,
+                    &format!("{suite:?} step {step}"),
                 );
             }
             assert_eq!(c.read(0, model.len() + 1).unwrap(), model);
