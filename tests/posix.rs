@@ -2856,3 +2856,55 @@ fn parallel_large_writes_one_file() {
         }
     }
 }
+
+/// `-o noxattr`: every extended-attribute call fails with `EOPNOTSUPP` (the kernel stops asking
+/// after vaultfs's first `ENOSYS`), file I/O is unaffected, and xattrs stored before stay stored
+/// for the next ordinary mount.
+#[test]
+fn noxattr_mount_option() {
+    if !common::require_fuse() {
+        return;
+    }
+    let none = XattrFlags::empty();
+    let mut v = Vault::create("aes-256-gcm");
+    v.mount();
+    let f = v.p("f");
+    put(&f, b"data").unwrap();
+    xset(&f, "user.kept", b"value", none).unwrap();
+    remount(&mut v, &["noxattr"]);
+    let f = v.p("f");
+    for round in 0..2 {
+        assert_eq!(
+            xget(&f, "user.kept"),
+            Err(libc::EOPNOTSUPP),
+            "get, round {round}"
+        );
+        assert_eq!(
+            xget(&f, "user.none"),
+            Err(libc::EOPNOTSUPP),
+            "get missing, round {round}"
+        );
+        assert_eq!(
+            xset(&f, "user.new", b"v", none),
+            Err(libc::EOPNOTSUPP),
+            "set, round {round}"
+        );
+        assert_eq!(
+            xlist(&f).map(|_| ()),
+            Err(libc::EOPNOTSUPP),
+            "list, round {round}"
+        );
+        assert_eq!(
+            rx(rustix::fs::removexattr(&f, "user.kept")),
+            Err(libc::EOPNOTSUPP),
+            "remove, round {round}"
+        );
+    }
+    // Data keeps working, writes included (no capability check in between).
+    write_at(&f, 2, b"TA").unwrap();
+    assert_eq!(read(&f).unwrap(), b"daTA");
+    remount(&mut v, &[]);
+    let f = v.p("f");
+    assert_eq!(xget(&f, "user.kept"), Ok(b"value".to_vec()));
+    assert_eq!(read(&f).unwrap(), b"daTA");
+}

@@ -25,6 +25,10 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub struct Adapter {
     pub fs: Arc<VaultFs>,
     pub writeback: bool,
+    /// False with `-o noxattr`: every xattr request is answered `ENOSYS`, which the kernel
+    /// remembers for the mount (then `EOPNOTSUPP` to callers, without asking). That also ends
+    /// the `security.capability` GETXATTR the kernel otherwise sends before every `write()`.
+    pub xattrs: bool,
     /// Runs when the session ends, before fuser drops its mount handle. The binary exits the
     /// process here: fuser 0.18 would otherwise unmount the mount point again by path (taking a
     /// disconnected device for a mounted one), which removes a newer mount at the same place.
@@ -497,6 +501,9 @@ impl fuser::Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -504,6 +511,9 @@ impl fuser::Filesystem for Adapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.getxattr(ino.0, name) {
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(err(e)),
@@ -511,6 +521,9 @@ impl fuser::Filesystem for Adapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.listxattr(ino.0) {
             Ok(v) => xattr_reply(reply, &v, size),
             Err(e) => reply.error(err(e)),
@@ -518,6 +531,9 @@ impl fuser::Filesystem for Adapter {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !self.xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.fs.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),

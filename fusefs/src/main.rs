@@ -33,7 +33,7 @@ struct Args {
     foreground: bool,
     /// Mount options, comma separated (allow_other, allow_root, default_permissions, ro, rw,
     /// nosuid, nodev, noexec, suid, dev, exec, atime, noatime, sync, async, dirsync, fsname=,
-    /// nowriteback).
+    /// nowriteback, noxattr).
     #[arg(short = 'o', value_name = "OPTS")]
     options: Vec<String>,
     /// Append log lines to this file (the daemon has no terminal).
@@ -62,6 +62,7 @@ struct MountOpts {
     config: fuser::Config,
     read_only: bool,
     writeback: bool,
+    xattrs: bool,
 }
 
 fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliError> {
@@ -69,6 +70,7 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
     let mut config = fuser::Config::default();
     let mut read_only = false;
     let mut writeback = true;
+    let mut xattrs = true;
     let mut default_permissions = false;
     let mut fsname = None;
     for opt in list
@@ -98,6 +100,7 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
             "async" => config.mount_options.push(M::Async),
             "dirsync" => config.mount_options.push(M::DirSync),
             "nowriteback" => writeback = false,
+            "noxattr" => xattrs = false,
             o if o.starts_with("fsname=") => fsname = Some(o["fsname=".len()..].to_string()),
             o => {
                 return Err(CliError::new(
@@ -121,6 +124,7 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
         config,
         read_only,
         writeback: writeback && !read_only,
+        xattrs,
     })
 }
 
@@ -253,6 +257,7 @@ fn serve(
     let adapter = Adapter {
         fs: Arc::new(fs),
         writeback: opts.writeback,
+        xattrs: opts.xattrs,
         on_destroy: Some(Box::new(move || {
             info!("{} unmounted; exiting", mp_done.display());
             std::process::exit(exit::OK);
