@@ -2961,7 +2961,7 @@ fn large_writes_race_truncation() {
                 let len = match i % 3 {
                     0 => 0,
                     1 => (x >> 33) % (30 * MIB as u64),
-                    _ => (x >> 33) % (30 * MIB as u64) | 7,
+                    _ => ((x >> 33) % (30 * MIB as u64)) | 7,
                 };
                 truncate_path(p, len).unwrap_or_else(|e| panic!("truncate to {len}: {e}"));
                 let all = fs::read(p).unwrap_or_else(|e| panic!("read after truncate {i}: {e}"));
