@@ -2978,3 +2978,129 @@ fn large_writes_race_truncation() {
     remount(&mut v, &[]);
     assert_eq!(fs::read(v.p("racy")).unwrap().len() as u64, size);
 }
+
+/// Unmounts a file system mounted for a test (lazily, so a failed test still cleans up).
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full backing file system: writes fail with `ENOSPC` (at the write or at the fsync), and
+/// nothing stored before is lost. In particular a write that extends a file whose last block is
+/// partial, where completing that block still fits but the new blocks do not, leaves the file as
+/// it was. Once space is freed, writing works again; all of it survives a remount.
+#[test]
+fn full_disk_keeps_stored_data() {
+    if !common::require_fuse() {
+        return;
+    }
+    assert!(require_root(), "needs root to mount a small tmpfs");
+    let mut v = Vault::create("aes-256-gcm");
+    // Move the new vault onto a 16 MiB tmpfs mounted over its ciphertext directory.
+    let saved = v.tmp.path().join("saved");
+    fs::rename(&v.cipher, &saved).unwrap();
+    fs::create_dir(&v.cipher).unwrap();
+    let out = common::run(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
+            .arg(&v.cipher),
+    );
+    assert!(out.status.success(), "mount tmpfs: {out:?}");
+    let _tmpfs = MountGuard(v.cipher.clone());
+    for e in fs::read_dir(&saved).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), v.cipher.join(e.file_name())).unwrap();
+    }
+    v.mount();
+    let mnt = v.mnt.clone();
+    let a = pattern(1, 100_000);
+    // 12192 bytes: the last block holds 4000 bytes and its ciphertext ends in the same 4 KiB
+    // page as the completed block would, so completing it needs no new space.
+    let b = pattern(2, 12_192);
+    let c = pattern(3, 1 << 20);
+    let write_synced = |name: &str, off: u64, data: &[u8]| -> std::io::Result<()> {
+        let f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(mnt.join(name))?;
+        f.write_all_at(data, off)?;
+        f.sync_all()
+    };
+    write_synced("a", 0, &a).unwrap();
+    write_synced("b", 0, &b).unwrap();
+    write_synced("c", 0, &c).unwrap();
+    // Fill the disk.
+    let chunk = pattern(4, 256 << 10);
+    let mut full = None;
+    {
+        let mut f = File::create(v.p("d")).unwrap();
+        for i in 0..256 {
+            let r =
+                f.write_all(&chunk)
+                    .and_then(|_| if i % 4 == 3 { f.sync_all() } else { Ok(()) });
+            if let Err(e) = r {
+                full = Some(e);
+                break;
+            }
+        }
+        if full.is_none() {
+            full = f.sync_all().err();
+        }
+    }
+    let full = full.expect("64 MiB fitted on a 16 MiB tmpfs");
+    assert_eq!(full.raw_os_error(), Some(libc::ENOSPC), "{full}");
+    // Fill what the last big write left, 4 KiB at a time.
+    {
+        let f = File::create(v.p("d2")).unwrap();
+        let page = pattern(5, 4096);
+        let mut last = None;
+        for i in 0..1024u64 {
+            if let Err(e) = f.write_all_at(&page, i * 4096).and_then(|_| f.sync_all()) {
+                last = Some(e);
+                break;
+            }
+        }
+        let last = last.expect("4 MiB more fitted on a full disk");
+        assert_eq!(last.raw_os_error(), Some(libc::ENOSPC), "{last}");
+    }
+    // Grow b past its partial last block: the new blocks do not fit.
+    let grow = write_synced("b", 20_000, b"more");
+    assert_eq!(
+        grow.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOSPC)),
+        "growing b on a full disk: {grow:?}"
+    );
+    let check = |when: &str| {
+        for (name, want) in [("a", &a), ("b", &b), ("c", &c)] {
+            let got = read(&mnt.join(name));
+            assert!(
+                got.as_ref() == Ok(want),
+                "{name} {when}: {} bytes expected, got {}",
+                want.len(),
+                short_debug(&got.map(|g| g.len()))
+            );
+        }
+    };
+    v.remount();
+    check("after the disk filled");
+    // Free the space: writing works again.
+    fs::remove_file(v.p("d")).unwrap();
+    fs::remove_file(v.p("d2")).unwrap();
+    write_synced("e", 0, &chunk).unwrap();
+    write_synced("b", 20_000, b"more").unwrap();
+    v.remount();
+    assert!(read(&v.p("e")).unwrap() == chunk, "e after freeing space");
+    let mut b2 = b.clone();
+    b2.resize(20_000, 0);
+    b2.extend_from_slice(b"more");
+    assert!(
+        read(&v.p("b")).unwrap() == b2,
+        "b grown after freeing space"
+    );
+    assert!(read(&v.p("a")).unwrap() == a, "a at the end");
+    v.unmount();
+}

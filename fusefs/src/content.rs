@@ -537,10 +537,31 @@ impl Content {
         let last = blocks::block_of(end - 1);
         let old_size = self.size;
         // Growing past a partial last block that this write does not cover: complete it first.
-        if !old_size.is_multiple_of(BS) && first > old_size / BS {
+        let filled = !old_size.is_multiple_of(BS) && first > old_size / BS;
+        if filled {
             self.fill_tail_block()?;
         }
         let new_size = old_size.max(end);
+        if let Err(e) = self.write_blocks(off, data, old_size, new_size) {
+            if new_size > old_size {
+                self.undo_growth(old_size, filled);
+            }
+            return Err(e);
+        }
+        self.size = new_size;
+        let backing_end = self.layout.block_offset(last)
+            + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
+        self.note_write(off, end, backing_end, false);
+        Ok(data.len())
+    }
+
+    /// The blocks of a write of `data` at `off` (whole ones straight from `data`, at most two
+    /// edge blocks merged with their old contents), sealed and written in one pwrite; the file
+    /// grows from `old_size` to `new_size`.
+    fn write_blocks(&self, off: u64, data: &[u8], old_size: u64, new_size: u64) -> Result<()> {
+        let end = off + data.len() as u64;
+        let first = blocks::block_of(off);
+        let last = blocks::block_of(end - 1);
         // Blocks the write covers whole are sealed straight from `data`; at most two edge blocks
         // (partly overwritten) are assembled from their old contents first.
         let mut edges: Vec<(u64, Vec<u8>)> = Vec::with_capacity(2);
@@ -582,15 +603,30 @@ impl Content {
             let covered = self.span_len(first, last, new_size);
             self.read_around(first, covered);
         }
-        self.seal_and_write(first, &srcs)?;
+        let r = self.seal_and_write(first, &srcs);
         for (_, buf) in &mut edges {
             zeroize::Zeroize::zeroize(buf);
         }
-        self.size = new_size;
-        let backing_end = self.layout.block_offset(last)
-            + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
-        self.note_write(off, end, backing_end, false);
-        Ok(data.len())
+        r
+    }
+
+    /// After a write that would have grown the file from `old_size` failed part way (a full
+    /// disk, an I/O error): puts the backing file back as it was, the last block at its old
+    /// length (if it had been completed for the write) and nothing after it, so that the file
+    /// reads as before. If that fails too, the size follows what is on disk (a completed last
+    /// block reads as data padded with zeros) rather than leave a block whose length no longer
+    /// matches the size.
+    fn undo_growth(&mut self, old_size: u64, filled: bool) {
+        let tail = (old_size % BS) as usize;
+        let restored = (!filled || self.resize_block(old_size / BS, BLOCK_SIZE, tail).is_ok())
+            && rustix::fs::ftruncate(
+                &self.fd,
+                self.layout.backing_size(old_size).max(HEADER_LEN as u64),
+            )
+            .is_ok();
+        if !restored && filled {
+            self.size = old_size.next_multiple_of(BS);
+        }
     }
 
     /// For a write of `len` bytes at `off`: what is needed to seal its blocks without holding
@@ -631,11 +667,17 @@ impl Content {
         let first = blocks::block_of(off);
         let last = blocks::block_of(end - 1);
         // Growing past a partial last block that this write does not cover: complete it first.
-        if !old_size.is_multiple_of(BS) && first > old_size / BS {
+        let filled = !old_size.is_multiple_of(BS) && first > old_size / BS;
+        if filled {
             self.fill_tail_block()?;
         }
-        pwrite_all(&self.fd, disk, self.layout.block_offset(first))?;
         let new_size = old_size.max(end);
+        if let Err(e) = pwrite_all(&self.fd, disk, self.layout.block_offset(first)) {
+            if new_size > old_size {
+                self.undo_growth(old_size, filled);
+            }
+            return Err(e);
+        }
         self.size = new_size;
         let backing_end = self.layout.block_offset(last)
             + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
