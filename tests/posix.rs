@@ -3039,9 +3039,9 @@ fn full_disk_keeps_stored_data() {
     {
         let mut f = File::create(v.p("d")).unwrap();
         for i in 0..256 {
-            let r =
-                f.write_all(&chunk)
-                    .and_then(|_| if i % 4 == 3 { f.sync_all() } else { Ok(()) });
+            let r = f
+                .write_all(&chunk)
+                .and_then(|_| if i % 4 == 3 { f.sync_all() } else { Ok(()) });
             if let Err(e) = r {
                 full = Some(e);
                 break;
@@ -3087,9 +3087,12 @@ fn full_disk_keeps_stored_data() {
     };
     v.remount();
     check("after the disk filled");
-    // Free the space: writing works again.
+    // Free the space: writing works again. (The space of a deleted file returns once the kernel
+    // forgets the inode and vaultfs closes its descriptor, which happens asynchronously; the
+    // remount settles it.)
     fs::remove_file(v.p("d")).unwrap();
     fs::remove_file(v.p("d2")).unwrap();
+    v.remount();
     write_synced("e", 0, &chunk).unwrap();
     write_synced("b", 20_000, b"more").unwrap();
     v.remount();
