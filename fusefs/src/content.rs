@@ -533,16 +533,32 @@ impl Content {
             return Err(ContentError::TooLarge);
         }
         self.ensure_header()?;
-        let first = blocks::block_of(off);
-        let last = blocks::block_of(end - 1);
         let old_size = self.size;
-        // Growing past a partial last block that this write does not cover: complete it first.
+        self.grow_with(off, end, false, |c| {
+            c.write_blocks(off, data, old_size, old_size.max(end))
+        })?;
+        Ok(data.len())
+    }
+
+    /// Runs `write` (which writes the blocks of plaintext `[off, end)`) with the bookkeeping
+    /// around it: a partial last block the write grows past is completed first; if the write
+    /// fails after the file would have grown, the backing file is put back
+    /// ([`Content::undo_growth`]); if it succeeds, the size and the stream state follow it.
+    fn grow_with(
+        &mut self,
+        off: u64,
+        end: u64,
+        reordered: bool,
+        write: impl FnOnce(&Self) -> Result<()>,
+    ) -> Result<()> {
+        let (first, last) = (blocks::block_of(off), blocks::block_of(end - 1));
+        let old_size = self.size;
         let filled = !old_size.is_multiple_of(BS) && first > old_size / BS;
         if filled {
             self.fill_tail_block()?;
         }
         let new_size = old_size.max(end);
-        if let Err(e) = self.write_blocks(off, data, old_size, new_size) {
+        if let Err(e) = write(self) {
             if new_size > old_size {
                 self.undo_growth(old_size, filled);
             }
@@ -551,8 +567,8 @@ impl Content {
         self.size = new_size;
         let backing_end = self.layout.block_offset(last)
             + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
-        self.note_write(off, end, backing_end, false);
-        Ok(data.len())
+        self.note_write(off, end, backing_end, reordered);
+        Ok(())
     }
 
     /// The blocks of a write of `data` at `off` (whole ones straight from `data`, at most two
@@ -664,24 +680,9 @@ impl Content {
         if !end.is_multiple_of(BS) && old_size > end {
             return Ok(false);
         }
-        let first = blocks::block_of(off);
-        let last = blocks::block_of(end - 1);
-        // Growing past a partial last block that this write does not cover: complete it first.
-        let filled = !old_size.is_multiple_of(BS) && first > old_size / BS;
-        if filled {
-            self.fill_tail_block()?;
-        }
-        let new_size = old_size.max(end);
-        if let Err(e) = pwrite_all(&self.fd, disk, self.layout.block_offset(first)) {
-            if new_size > old_size {
-                self.undo_growth(old_size, filled);
-            }
-            return Err(e);
-        }
-        self.size = new_size;
-        let backing_end = self.layout.block_offset(last)
-            + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
-        self.note_write(off, end, backing_end, true);
+        self.grow_with(off, end, true, |c| {
+            pwrite_all(&c.fd, disk, c.layout.block_offset(blocks::block_of(off)))
+        })?;
         Ok(true)
     }
 
