@@ -97,9 +97,6 @@ thread_local! {
     /// Per-thread buffer for on-disk (ciphertext) bytes, reused across requests so that no
     /// request pays for allocating and zeroing it. It only ever holds ciphertext.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-thread_local! {
     /// Per-thread buffer for the plaintext of a read reply, reused for the same reason: zeroing
     /// a fresh 1 MiB reply buffer was 5 % of the CPU time of a sequential read. Every byte handed
     /// out has been written by the request it belongs to (the blocks tile the range).
@@ -125,7 +122,7 @@ fn with_buffer<T>(
 }
 
 /// Runs `f` on `len` bytes of the thread's ciphertext scratch buffer (contents unspecified).
-fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> Result<T>) -> Result<T> {
+pub(crate) fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> Result<T>) -> Result<T> {
     with_buffer(&SCRATCH, len, f)
 }
 
@@ -170,8 +167,19 @@ fn seal_blocks(
     }
 }
 
+/// On-disk bytes of whole blocks holding `plain_len` plaintext bytes.
+fn disk_len_of(layout: &Layout, plain_len: usize) -> usize {
+    plain_len + plain_len.div_ceil(BLOCK_SIZE) * layout.overhead()
+}
+
 /// Smallest write sealed outside the file's lock: below it the lock is held only briefly anyway.
 const PARALLEL_MIN: usize = 64 << 10;
+
+/// Whether a write of `len` bytes at `off` may be sealed outside the file's lock (it starts at a
+/// block boundary and is large); checked before taking the lock, so small writes pay nothing.
+pub fn may_seal_ahead(off: u64, len: usize) -> bool {
+    off.is_multiple_of(BS) && len >= PARALLEL_MIN
+}
 
 /// How far out of order the requests of one sequential stream may be handled and still count
 /// as continuing it (several workers seal a stream's requests at once and commit them in the
@@ -192,8 +200,7 @@ pub struct SealPlan {
 impl SealPlan {
     /// On-disk length of the sealed write.
     pub fn disk_len(&self) -> usize {
-        let len = (self.end - self.off) as usize;
-        len + len.div_ceil(BLOCK_SIZE) * self.layout.overhead()
+        disk_len_of(&self.layout, (self.end - self.off) as usize)
     }
 
     /// Seals `data` (the write's bytes) into `disk` ([`SealPlan::disk_len`] bytes).
@@ -207,12 +214,6 @@ impl SealPlan {
             disk,
         )
     }
-}
-
-/// Runs `f` on `len` bytes of the thread's ciphertext scratch buffer (public for the write
-/// path that seals outside the file's lock).
-pub fn with_seal_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> Result<T>) -> Result<T> {
-    with_scratch(len, f)
 }
 
 fn pread_exact(fd: impl AsFd, buf: &mut [u8], off: u64) -> Result<usize> {
@@ -315,7 +316,7 @@ impl Content {
 
     /// On-disk bytes of whole blocks holding `plain_len` plaintext bytes.
     fn disk_len(&self, plain_len: usize) -> usize {
-        plain_len + plain_len.div_ceil(BLOCK_SIZE) * self.layout.overhead()
+        disk_len_of(&self.layout, plain_len)
     }
 
     fn cipher(&self) -> Result<&dyn ContentCipher> {
@@ -651,7 +652,7 @@ impl Content {
     /// a file that has its header qualifies; the seal is then checked and written by
     /// [`Content::commit_sealed`] under the lock.
     pub fn seal_plan(&self, off: u64, len: usize) -> Option<SealPlan> {
-        if !off.is_multiple_of(BS) || len < PARALLEL_MIN {
+        if !may_seal_ahead(off, len) {
             return None;
         }
         let end = off.checked_add(len as u64)?;

@@ -558,9 +558,11 @@ impl VaultFs {
         // A large write at a block boundary is sealed before the file's lock is taken, so that
         // the workers handling a stream's requests encrypt at the same time; the lock then only
         // covers checking the seal and the pwrite.
-        let plan = content.read().seal_plan(off, data.len());
+        let plan = crate::content::may_seal_ahead(off, data.len())
+            .then(|| content.read().seal_plan(off, data.len()))
+            .flatten();
         if let Some(plan) = plan {
-            let committed = crate::content::with_seal_buffer(plan.disk_len(), |disk| {
+            let committed = crate::content::with_scratch(plan.disk_len(), |disk| {
                 plan.seal(data, disk)?;
                 content.write().commit_sealed(&plan, disk)
             });
