@@ -19,3 +19,11 @@ fi
 if [ "${1:-}" = "--test" ] && ! command -v fsx >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/fsx" ]; then
   cargo install --quiet --locked fsx
 fi
+# FUSE over io_uring (Linux 6.14+; off by default): vaultfs then serves each request on the CPU
+# that made it (docs/PERFORMANCE.md). Other FUSE file systems are unaffected: the kernel only
+# offers it, and a server that does not ask keeps /dev/fuse.
+modprobe fuse 2>/dev/null || true
+URING=/sys/module/fuse/parameters/enable_uring
+if [ -w "$URING" ] && [ "$(cat "$URING")" != Y ]; then
+  echo Y >"$URING"
+fi

@@ -3107,3 +3107,81 @@ fn full_disk_keeps_stored_data() {
     assert!(read(&v.p("a")).unwrap() == a, "a at the end");
     v.unmount();
 }
+
+/// Thread names of the vaultfs process serving `v`'s mount point.
+fn daemon_threads(v: &Vault) -> Vec<String> {
+    let mnt = v.mnt.as_os_str().as_bytes();
+    let pid = fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            cmd.split(|&b| b == 0).any(|a| a == mnt)
+        })
+        .expect("no vaultfs process for the mount point");
+    fs::read_dir(pid.path().join("task"))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
+/// With `fuse.enable_uring` on, a mount is served over io_uring (one or more ring threads per
+/// possible CPU, "serving over io_uring" in its log); `-o nouring` keeps it on /dev/fuse. Data
+/// written over one transport reads back over the other.
+#[test]
+fn transport_follows_kernel_and_option() {
+    if !common::require_fuse() {
+        return;
+    }
+    let on = fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y");
+    if !on {
+        assert!(
+            !common::in_ci(),
+            "fuse.enable_uring is off and CI=true (scripts/test.sh turns it on)"
+        );
+        eprintln!("SKIP: fuse.enable_uring is off");
+        return;
+    }
+    let cpus = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let possible: usize = cpus
+        .trim()
+        .split(',')
+        .filter_map(|r| r.rsplit('-').next()?.parse::<usize>().ok())
+        .max()
+        .unwrap()
+        + 1;
+    let mut v = Vault::create("aes-256-gcm");
+    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    for round in 0..2 {
+        if round == 0 {
+            v.mount();
+        } else {
+            v.mount_with(&["nouring"]);
+        }
+        let rings = daemon_threads(&v)
+            .iter()
+            .filter(|t| t.starts_with("ring-"))
+            .count();
+        let log = fs::read_to_string(&v.log).unwrap_or_default();
+        if round == 0 && !common::devfuse_only() {
+            assert!(
+                rings >= possible,
+                "{rings} ring threads for {possible} CPUs"
+            );
+            assert!(log.contains("serving over io_uring"), "log: {log}");
+        } else {
+            assert_eq!(rings, 0, "ring threads with -o nouring");
+        }
+        let f = v.mnt.join(format!("f{round}"));
+        fs::write(&f, &data).unwrap();
+        fs::create_dir(v.mnt.join(format!("d{round}"))).unwrap();
+        for r in 0..=round {
+            assert_eq!(fs::read(v.mnt.join(format!("f{r}"))).unwrap(), data);
+            assert!(v.mnt.join(format!("d{r}")).is_dir());
+        }
+        v.unmount();
+        let _ = fs::remove_file(&v.log);
+    }
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 /// the TTL only bounds how long a change made behind vaultfs's back (unsupported) stays unseen.
 /// 10 s instead of the usual 1 s spares a LOOKUP before most operations on a name used within
 /// the last few seconds (an unlink after a create, a stat in a build).
-const TTL: Duration = Duration::from_secs(10);
+pub const TTL: Duration = Duration::from_secs(10);
 /// Largest request we accept (FUSE max_write).
 pub const MAX_WRITE: u32 = 1 << 20;
 
@@ -33,19 +33,19 @@ pub struct Adapter {
     /// process here: fuser 0.18 would otherwise unmount the mount point again by path (taking a
     /// disconnected device for a mounted one), which removes a newer mount at the same place.
     pub on_destroy: Option<Box<dyn FnOnce() + Send + Sync>>,
-    /// Runs once, at the first LOOKUP, GETATTR or OPEN: after the kernel has taken our INIT
-    /// reply, which resets the mount's read-ahead, so that settings made here last.
-    pub after_init: Option<Box<dyn Fn() + Send + Sync>>,
-    pub after_init_done: std::sync::Once,
+    /// Called at every LOOKUP, GETATTR and OPEN; does its work once, at the first: after the
+    /// kernel has taken our INIT reply, which resets the mount's read-ahead, so that settings
+    /// made there last. Shared with the io_uring path.
+    pub first_request: Arc<dyn Fn() + Send + Sync>,
+    /// Set when io_uring rings are ready to be registered: INIT then asks the kernel for FUSE
+    /// over io_uring if it offers it, and records in `uring` whether it did.
+    pub uring_ready: bool,
+    pub uring: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Adapter {
     fn first_request(&self) {
-        self.after_init_done.call_once(|| {
-            if let Some(f) = &self.after_init {
-                f();
-            }
-        });
+        (self.first_request)();
     }
 }
 
@@ -156,6 +156,16 @@ impl fuser::Filesystem for Adapter {
         // permission check), which costs more than the ACL reads it saves.
         if self.writeback {
             wanted |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        // Only with rings in hand: after this answer the kernel holds every request until the
+        // rings are registered (see `uring`).
+        if self.uring_ready
+            && config
+                .capabilities()
+                .contains(InitFlags::FUSE_OVER_IO_URING)
+        {
+            wanted |= InitFlags::FUSE_OVER_IO_URING;
+            self.uring.store(true, std::sync::atomic::Ordering::SeqCst);
         }
         let _ = config.add_capabilities(wanted & config.capabilities());
         Ok(())

@@ -141,30 +141,54 @@ fn seal_blocks(
             .map_err(|e| ContentError::Corrupt(e.to_string()))
     };
     let n_blocks = srcs.len();
-    if n_blocks >= 64 {
+    if n_blocks >= PARALLEL_BLOCKS {
         let half = n_blocks / 2;
         let (pa, pb) = srcs.split_at(half);
         let (da, db) = disk.split_at_mut(half * dbs);
-        std::thread::scope(|s| {
-            let h = s.spawn(|| {
+        both(
+            || {
+                pa.iter()
+                    .zip(da.chunks_mut(dbs))
+                    .enumerate()
+                    .try_for_each(work)
+            },
+            || {
                 pb.iter()
                     .zip(db.chunks_mut(dbs))
                     .enumerate()
                     .try_for_each(|(i, x)| work((i + half, x)))
-            });
-            pa.iter()
-                .zip(da.chunks_mut(dbs))
-                .enumerate()
-                .try_for_each(work)?;
-            h.join()
-                .map_err(|_| ContentError::Corrupt("crypto thread panicked".into()))?
-        })
+            },
+        )
+        .map(|_| ())
     } else {
         srcs.iter()
             .zip(disk.chunks_mut(dbs))
             .enumerate()
             .try_for_each(work)
     }
+}
+
+/// Requests of at least this many blocks are encrypted or decrypted by two threads.
+const PARALLEL_BLOCKS: usize = 64;
+
+/// Runs `a` on this thread and `b` on a second one, or both here when this thread may run on
+/// one CPU only (the helper would inherit that and only take turns with it).
+fn both<A, B: Send>(
+    a: impl FnOnce() -> Result<A>,
+    b: impl FnOnce() -> Result<B> + Send,
+) -> Result<(A, B)> {
+    if rustix::thread::sched_getaffinity(None).is_ok_and(|m| m.count() == 1) {
+        let ra = a()?;
+        return Ok((ra, b()?));
+    }
+    std::thread::scope(|s| {
+        let h = s.spawn(b);
+        let ra = a();
+        let rb = h
+            .join()
+            .map_err(|_| ContentError::Corrupt("crypto thread panicked".into()))?;
+        Ok((ra?, rb?))
+    })
 }
 
 /// On-disk bytes of whole blocks holding `plain_len` plaintext bytes.
@@ -382,44 +406,72 @@ impl Content {
         self.read_with(off, len, |p| p.to_vec())
     }
 
-    /// Reads up to `len` bytes at `off` and hands them to `f`: one pread, each block decrypted
-    /// straight into a reused per-thread buffer (partial edge blocks through a small temporary).
+    /// Reads up to `len` bytes at `off` and hands them to `f`, from a reused per-thread buffer
+    /// (see [`Content::read_into`]).
     pub fn read_with<T>(&self, off: u64, len: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
-        if off >= self.size || len == 0 {
-            return Ok(f(&[]));
+        let len = self.size.saturating_sub(off).min(len as u64) as usize;
+        with_buffer(&PLAIN, len, |out| {
+            let n = self.read_into(off, out)?;
+            Ok(f(&out[..n]))
+        })
+    }
+
+    /// Reads up to `out.len()` bytes at `off` into `out`; returns how many (fewer at the end of
+    /// the file). One pread; each block is decrypted straight into `out` (partial edge blocks
+    /// through a small temporary).
+    pub fn read_into(&self, off: u64, out: &mut [u8]) -> Result<usize> {
+        if off >= self.size || out.is_empty() {
+            return Ok(0);
         }
-        let end = (off + len as u64).min(self.size);
+        let end = (off + out.len() as u64).min(self.size);
+        let out = &mut out[..(end - off) as usize];
         let first = blocks::block_of(off);
         let last = blocks::block_of(end - 1);
         let plain_len = self.span_len(first, last, self.size);
         let c = self.cipher()?;
         let dbs = self.layout.disk_block() as usize;
         let sequential = self.read_end.swap(end, Ordering::Relaxed) == off;
-        with_buffer(&PLAIN, (end - off) as usize, |out| {
+        {
             self.with_disk_blocks(first, plain_len, |disk| {
-                for (i, d) in disk.chunks(dbs).enumerate() {
-                    let block = first + i as u64;
-                    let bstart = block * BS;
-                    let blen = self.layout.block_len(block, self.size);
-                    let from = off.max(bstart);
-                    let to = end.min(bstart + blen as u64);
-                    let dst = &mut out[(from - off) as usize..(to - off) as usize];
-                    if from == bstart && to == bstart + blen as u64 {
-                        self.open_one(c, block, d, dst)?;
-                    } else {
-                        let mut tmp = [0u8; BLOCK_SIZE];
-                        self.open_one(c, block, d, &mut tmp[..blen])?;
-                        dst.copy_from_slice(&tmp[(from - bstart) as usize..(to - bstart) as usize]);
-                        zeroize::Zeroize::zeroize(&mut tmp[..]);
+                // Decrypts the blocks from `first + skip` whose on-disk bytes are `disk` into
+                // `out`, which starts at plaintext offset `base`.
+                let decrypt = |skip: usize, disk: &[u8], out: &mut [u8], base: u64| {
+                    for (i, d) in disk.chunks(dbs).enumerate() {
+                        let block = first + (skip + i) as u64;
+                        let bstart = block * BS;
+                        let blen = self.layout.block_len(block, self.size);
+                        let from = base.max(bstart);
+                        let to = end.min(bstart + blen as u64);
+                        let dst = &mut out[(from - base) as usize..(to - base) as usize];
+                        if from == bstart && to == bstart + blen as u64 {
+                            self.open_one(c, block, d, dst)?;
+                        } else {
+                            let mut tmp = [0u8; BLOCK_SIZE];
+                            self.open_one(c, block, d, &mut tmp[..blen])?;
+                            dst.copy_from_slice(
+                                &tmp[(from - bstart) as usize..(to - bstart) as usize],
+                            );
+                            zeroize::Zeroize::zeroize(&mut tmp[..]);
+                        }
                     }
+                    Ok(())
+                };
+                let n_blocks = disk.len().div_ceil(dbs);
+                if n_blocks < PARALLEL_BLOCKS {
+                    return decrypt(0, disk, out, off);
                 }
-                Ok(())
+                // Split at a block boundary past `off`.
+                let half = n_blocks / 2;
+                let mid = (first + half as u64) * BS;
+                let (da, db) = disk.split_at(half * dbs);
+                let (oa, ob) = out.split_at_mut((mid - off) as usize);
+                both(|| decrypt(0, da, oa, off), || decrypt(half, db, ob, mid)).map(|_| ())
             })?;
             if !sequential {
                 self.read_around(first, plain_len);
             }
-            Ok(f(out))
-        })
+            Ok(out.len())
+        }
     }
 
     /// Asks the kernel to read the windows around the backing range of `plain_len` bytes from

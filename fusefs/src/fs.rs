@@ -548,6 +548,17 @@ impl VaultFs {
         })
     }
 
+    /// Reads up to `out.len()` bytes at `off` straight into `out` (a reply buffer); returns how
+    /// many.
+    pub fn read_into(&self, fh: u64, off: u64, out: &mut [u8]) -> FsResult<usize> {
+        let (inode, c) = self.file_content(fh)?;
+        let c = c.read();
+        c.read_into(off, out).map_err(|e| {
+            error!(ino = inode.ino, offset = off, file = %c.backing_path(), "read failed: {e}");
+            ce(e)
+        })
+    }
+
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
         self.check_writable()?;
         let (inode, content) = self.file_content(fh)?;

@@ -1,7 +1,10 @@
 //! vaultfs: the encrypting FUSE filesystem. `fs` holds the logic (no fuser types), `content` the
-//! block I/O, `adapter` the thin fuser binding.
+//! block I/O, `adapter` the thin fuser binding,
+//! `wire` and `uring` the same binding for requests that come over io_uring.
 
 pub mod adapter;
 pub mod content;
 pub mod fs;
 pub mod sys;
+pub mod uring;
+pub mod wire;

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use vaultfs::adapter::Adapter;
 use vaultfs::fs::{Options, VaultFs};
 use vaultfs::sys::{self, Forked};
+use vaultfs::uring;
 use vaultfs_core::cli::{self, exit, CliError};
 use vaultfs_core::vault::Vault;
 
@@ -63,6 +64,7 @@ struct MountOpts {
     read_only: bool,
     writeback: bool,
     xattrs: bool,
+    uring: bool,
 }
 
 fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliError> {
@@ -71,6 +73,7 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
     let mut read_only = false;
     let mut writeback = true;
     let mut xattrs = true;
+    let mut uring = true;
     let mut default_permissions = false;
     let mut fsname = None;
     for opt in list
@@ -101,6 +104,7 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
             "dirsync" => config.mount_options.push(M::DirSync),
             "nowriteback" => writeback = false,
             "noxattr" => xattrs = false,
+            "nouring" => uring = false,
             o if o.starts_with("fsname=") => fsname = Some(o["fsname=".len()..].to_string()),
             o => {
                 return Err(CliError::new(
@@ -125,6 +129,7 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
         read_only,
         writeback: writeback && !read_only,
         xattrs,
+        uring,
     })
 }
 
@@ -251,23 +256,35 @@ fn serve(
     }
     let mut config = opts.config;
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    config.n_threads = Some(threads.unwrap_or((2 * cpus).max(4)).clamp(1, 64));
+    let threads = threads.unwrap_or((2 * cpus).max(4)).clamp(1, 64);
+    let rings = if opts.uring && uring::enabled_in_kernel() {
+        make_rings(threads)
+    } else {
+        None
+    };
+    // With io_uring, /dev/fuse carries only FORGET and INTERRUPT: one thread is enough.
+    config.n_threads = Some(if rings.is_some() { 1 } else { threads });
     config.clone_fd = true;
     let mp_done = mountpoint.to_path_buf();
+    let first_request: Arc<dyn Fn() + Send + Sync> = {
+        // Resolved now: once mounted, resolving it could mean asking ourselves.
+        let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
+        let once = std::sync::Once::new();
+        Arc::new(move || once.call_once(|| raise_readahead(&mp)))
+    };
+    let fs = Arc::new(fs);
+    let negotiated = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let adapter = Adapter {
-        fs: Arc::new(fs),
+        fs: fs.clone(),
         writeback: opts.writeback,
         xattrs: opts.xattrs,
         on_destroy: Some(Box::new(move || {
             info!("{} unmounted; exiting", mp_done.display());
             std::process::exit(exit::OK);
         })),
-        after_init: {
-            // Resolved now: once mounted, resolving it could mean asking ourselves.
-            let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
-            Some(Box::new(move || raise_readahead(&mp)))
-        },
-        after_init_done: std::sync::Once::new(),
+        first_request: first_request.clone(),
+        uring_ready: rings.is_some(),
+        uring: negotiated.clone(),
     };
     let mut session = fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
         CliError::new(
@@ -275,6 +292,27 @@ fn serve(
             format!("mounting {}: {e}", mountpoint.display()),
         )
     })?;
+    if let Some(rings) = rings.filter(|_| negotiated.load(std::sync::atomic::Ordering::SeqCst)) {
+        let dispatcher = Arc::new(vaultfs::wire::Dispatcher {
+            fs,
+            xattrs: opts.xattrs,
+            ttl: vaultfs::adapter::TTL,
+            first_request,
+        });
+        // The kernel now holds every request until the rings are registered: failing here
+        // must end the mount, not leave it hanging.
+        let started = session
+            .as_fd()
+            .try_clone_to_owned()
+            .and_then(|fd| rings.start(fd, dispatcher));
+        if let Err(e) = started {
+            return Err(CliError::new(
+                exit::MOUNT,
+                format!("starting the io_uring queues: {e}"),
+            ));
+        }
+        info!("serving over io_uring");
+    }
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -293,6 +331,22 @@ fn serve(
     });
     session_ready(session);
     Ok(())
+}
+
+/// The io_uring rings, `threads` spread over the kernel's per-CPU queues (at least one each);
+/// None (and /dev/fuse alone) when they cannot be made.
+fn make_rings(threads: usize) -> Option<uring::Rings> {
+    let made = uring::possible_cpus().and_then(|queues| {
+        let per_queue = threads.div_ceil(queues).max(1);
+        uring::Rings::create(queues, per_queue, vaultfs::adapter::MAX_WRITE as usize)
+    });
+    match made {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!("io_uring unavailable, serving over /dev/fuse: {e}");
+            None
+        }
+    }
 }
 
 /// Kernel read-ahead for the mount, in KiB. A FUSE mount starts with 128 KiB, which caps read

@@ -44,6 +44,13 @@ pub fn require_fuse() -> bool {
     ok
 }
 
+/// Which FUSE transport the mounts of this test run use: `VAULTFS_TEST_TRANSPORT=devfuse`
+/// mounts with `-o nouring` (the /dev/fuse path, what kernels without FUSE over io_uring get);
+/// anything else leaves vaultfs's default (io_uring when the kernel offers it).
+pub fn devfuse_only() -> bool {
+    std::env::var("VAULTFS_TEST_TRANSPORT").is_ok_and(|v| v == "devfuse")
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(std::process::Stdio::null())
         .output()
@@ -104,6 +111,9 @@ impl Vault {
             .arg(&self.log);
         for o in opts {
             c.args(["-o", o]);
+        }
+        if devfuse_only() {
+            c.args(["-o", "nouring"]);
         }
         c.arg(&self.cipher).arg(&self.mnt);
         let out = run(&mut c);
