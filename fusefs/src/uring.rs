@@ -155,9 +155,17 @@ impl Entry {
             fatal(self.qid, format_args!("register: {e}"));
         }
         let mut registered = false;
-        // Whether this thread is away from its queue's CPU, serving a large request.
+        // Whether this thread is away from its queue's CPU, and whether the request it just
+        // served was a large one.
         let mut away = false;
+        let mut large = false;
         loop {
+            if away && !large {
+                // A small request after large ones: home at once (else a steady flow of small
+                // requests, each within the linger of the last, would keep the thread away).
+                set_cpus(|c| c == home);
+                away = false;
+            }
             if away {
                 // Send the commit from there and wait there a little for the next request:
                 // a stream's next large request comes within a fraction of a millisecond.
@@ -219,7 +227,8 @@ impl Entry {
             // over every CPU. Pinned, all of a sequential read's read-ahead, queued here, had
             // one CPU (measured: cold 1 GiB read at 1.0-1.25x gocryptfs instead of 1.5-2x);
             // moved to the other CPUs only, the caller's CPU sat idle (about the same).
-            if !away && self.large_request() && set_cpus(|_| true) {
+            large = self.large_request();
+            if large && !away && set_cpus(|_| true) {
                 away = true;
             }
             let commit_id = self.serve(d);
