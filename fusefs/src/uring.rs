@@ -147,8 +147,9 @@ impl Entry {
     fn run(mut self, fuse: &OwnedFd, d: &Dispatcher) {
         let home = usize::from(self.qid);
         if !set_cpus(|c| c == home) {
-            // An offline CPU: its queue still needs an entry, served from wherever.
-            warn!("io_uring queue {home}: cannot pin its thread to CPU {home}");
+            // A possible CPU that is offline: its queue still needs an entry (the ring is used
+            // only when every queue has one), but no caller runs there.
+            debug!("io_uring queue {home}: CPU {home} is offline; thread not pinned");
         }
         let fd = types::Fd(fuse.as_raw_fd());
         if let Err(e) = self.submit(self.register_sqe(fd)) {

@@ -584,6 +584,175 @@ mod tests {
         assert_eq!(w.at, 0);
     }
 
+    /// A dispatcher over a fresh vault in a temporary directory.
+    fn dispatcher() -> (tempfile::TempDir, Dispatcher) {
+        use vaultfs_core::protector::Secret;
+        use vaultfs_core::vault::{NewProtector, Vault};
+        let d = tempfile::tempdir().unwrap();
+        let secret = Secret::RawKey(vaultfs_core::SecretKey::from_slice(&[7; 32]).unwrap());
+        let np = NewProtector {
+            secret: &secret,
+            label: None,
+            argon2: (8, 1, 1),
+            sealed: None,
+        };
+        let v = Vault::create(d.path(), "t", vaultfs_core::CipherSuite::Aes256Gcm, &np).unwrap();
+        let fs = VaultFs::new(
+            d.path(),
+            v.keys().unwrap(),
+            crate::fs::Options { read_only: false },
+        )
+        .unwrap();
+        let disp = Dispatcher {
+            fs: Arc::new(fs),
+            xattrs: true,
+            ttl: Duration::from_secs(10),
+            first_request: Arc::new(|| {}),
+        };
+        (d, disp)
+    }
+
+    fn header(opcode: u32, nodeid: u64) -> InHeader {
+        InHeader {
+            len: 0,
+            opcode,
+            unique: 2,
+            nodeid,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    fn le32(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn le64(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    /// Requests built by hand, as the kernel lays them out: create, write, read back, look up,
+    /// list, and the answers to missing names and malformed frames.
+    #[test]
+    fn requests_round_trip_through_the_dispatcher() {
+        let (_d, disp) = dispatcher();
+        let root = crate::fs::ROOT_INO;
+        let mut out = vec![0u8; 1 << 20];
+        // CREATE "f" (fuse_create_in: flags, mode, umask, open_flags).
+        let mut arg = Vec::new();
+        for v in [libc::O_RDWR as u32, libc::S_IFREG | 0o640, 0o022, 0] {
+            arg.extend_from_slice(&v.to_le_bytes());
+        }
+        let n = disp
+            .serve(&header(op::CREATE, root), &arg, b"f\0", &mut out)
+            .unwrap();
+        assert_eq!(n, ENTRY_OUT_LEN + 16);
+        let ino = le64(&out, 0);
+        assert_ne!(ino, 0);
+        assert_eq!(le64(&out, 16), 10, "entry_valid");
+        assert_eq!(
+            le32(&out, 40 + 60),
+            libc::S_IFREG | 0o640,
+            "mode after umask"
+        );
+        let fh = le64(&out, ENTRY_OUT_LEN);
+        // WRITE 10000 bytes at 0 (fuse_write_in: fh, offset, size, write_flags, lock_owner,
+        // flags, padding).
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut arg = Vec::new();
+        arg.extend_from_slice(&fh.to_le_bytes());
+        arg.extend_from_slice(&0u64.to_le_bytes());
+        arg.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        arg.extend_from_slice(&[0u8; 20]);
+        let n = disp
+            .serve(&header(op::WRITE, ino), &arg, &data, &mut out)
+            .unwrap();
+        assert_eq!((n, le32(&out, 0)), (8, 10_000));
+        // READ 4096 at 8192: the last 1808 bytes.
+        let mut arg = Vec::new();
+        arg.extend_from_slice(&fh.to_le_bytes());
+        arg.extend_from_slice(&8192u64.to_le_bytes());
+        arg.extend_from_slice(&4096u32.to_le_bytes());
+        arg.extend_from_slice(&[0u8; 20]);
+        let n = disp
+            .serve(&header(op::READ, ino), &arg, &[], &mut out)
+            .unwrap();
+        assert_eq!(&out[..n], &data[8192..]);
+        // LOOKUP "f" finds it with its size; "g" is a negative entry (node id 0).
+        let n = disp
+            .serve(&header(op::LOOKUP, root), &[], b"f\0", &mut out)
+            .unwrap();
+        assert_eq!(
+            (n, le64(&out, 0), le64(&out, 40 + 8)),
+            (ENTRY_OUT_LEN, ino, 10_000)
+        );
+        disp.serve(&header(op::LOOKUP, root), &[], b"g\0", &mut out)
+            .unwrap();
+        assert_eq!(le64(&out, 0), 0);
+        // READDIR from 0 lists ".", ".." and "f", padded to 8 bytes each.
+        let mut arg = vec![0u8; 16];
+        arg.extend_from_slice(&4096u32.to_le_bytes());
+        arg.extend_from_slice(&[0u8; 20]);
+        let n = disp
+            .serve(&header(op::READDIR, root), &arg, &[], &mut out)
+            .unwrap();
+        let mut names = Vec::new();
+        let mut at = 0;
+        while at < n {
+            let len = le32(&out, at + 16) as usize;
+            names.push(out[at + 24..at + 24 + len].to_vec());
+            at += (24 + len).next_multiple_of(8);
+        }
+        assert_eq!(at, n);
+        names.sort();
+        assert_eq!(names, [b".".to_vec(), b"..".to_vec(), b"f".to_vec()]);
+        // GETXATTR with size 0 asks for the size; a too-small buffer is ERANGE.
+        let mut arg = Vec::new();
+        arg.extend_from_slice(&3u32.to_le_bytes());
+        arg.extend_from_slice(&0u32.to_le_bytes());
+        disp.serve(&header(op::SETXATTR, ino), &arg, b"user.k\0abc", &mut out)
+            .unwrap();
+        let size_in = |size: u32| [size.to_le_bytes(), [0; 4]].concat();
+        let n = disp.serve(
+            &header(op::GETXATTR, ino),
+            &size_in(0),
+            b"user.k\0",
+            &mut out,
+        );
+        assert_eq!((n, le32(&out, 0)), (Ok(8), 3));
+        let n = disp.serve(
+            &header(op::GETXATTR, ino),
+            &size_in(2),
+            b"user.k\0",
+            &mut out,
+        );
+        assert_eq!(n, Err(libc::ERANGE));
+        let n = disp.serve(
+            &header(op::GETXATTR, ino),
+            &size_in(64),
+            b"user.k\0",
+            &mut out,
+        );
+        assert_eq!(&out[..n.unwrap()], b"abc");
+        // Malformed frames: a name without its NUL, a short op struct, an unknown opcode.
+        assert_eq!(
+            disp.serve(&header(op::LOOKUP, root), &[], b"f", &mut out),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            disp.serve(&header(op::READ, ino), &[0; 12], &[], &mut out),
+            Err(libc::EINVAL)
+        );
+        assert_eq!(
+            disp.serve(&header(9999, root), &[], &[], &mut out),
+            Err(libc::ENOSYS)
+        );
+        // A reply that does not fit its buffer is an error, not a short reply.
+        let mut tiny = [0u8; 16];
+        let n = disp.serve(&header(op::GETATTR, ino), &[0; 16], &[], &mut tiny);
+        assert_eq!(n, Err(libc::ERANGE));
+    }
+
     #[test]
     fn truncated_requests_are_rejected() {
         let mut r = Reader(b"ab");
