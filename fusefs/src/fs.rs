@@ -362,15 +362,26 @@ impl VaultFs {
         if ino == ROOT_INO {
             return;
         }
-        let mut table = self.inodes.write();
-        if let Some(i) = table.get(&ino) {
-            let prev = i
-                .nlookup
-                .fetch_sub(n.min(i.nlookup.load(Ordering::Relaxed)), Ordering::Relaxed);
-            if prev <= n {
-                table.remove(&ino);
+        let forgotten = {
+            let mut table = self.inodes.write();
+            match table.get(&ino) {
+                Some(i) => {
+                    let prev = i
+                        .nlookup
+                        .fetch_sub(n.min(i.nlookup.load(Ordering::Relaxed)), Ordering::Relaxed);
+                    if prev <= n {
+                        table.remove(&ino)
+                    } else {
+                        None
+                    }
+                }
+                None => None,
             }
-        }
+        };
+        // Dropped after the table's lock: closing the last descriptor of a file unlinked
+        // through the mount is where the backing file system frees it (for a large file, its
+        // blocks), and every request that looks up an inode waits for that lock.
+        drop(forgotten);
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
