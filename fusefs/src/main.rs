@@ -34,13 +34,14 @@ struct Args {
     foreground: bool,
     /// Mount options, comma separated (allow_other, allow_root, default_permissions, ro, rw,
     /// nosuid, nodev, noexec, suid, dev, exec, atime, noatime, sync, async, dirsync, fsname=,
-    /// nowriteback, noxattr).
+    /// nowriteback, noxattr, nouring).
     #[arg(short = 'o', value_name = "OPTS")]
     options: Vec<String>,
     /// Append log lines to this file (the daemon has no terminal).
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
-    /// Worker threads serving requests (default: twice the CPUs, at least 4).
+    /// Worker threads serving requests (default: twice the CPUs, at least 4; over io_uring
+    /// spread over the per-CPU queues, at least one each).
     #[arg(long)]
     threads: Option<usize>,
     /// With -f: write one byte to this inherited descriptor once the mount is ready.
