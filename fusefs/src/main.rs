@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
     /// Worker threads serving requests (default: twice the CPUs, at least 4; over io_uring
-    /// spread over the per-CPU queues, at least one each).
+    /// 4 per CPU queue, or N spread over the queues, at least one each).
     #[arg(long)]
     threads: Option<usize>,
     /// With -f: write one byte to this inherited descriptor once the mount is ready.
@@ -257,12 +257,12 @@ fn serve(
     }
     let mut config = opts.config;
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let threads = threads.unwrap_or((2 * cpus).max(4)).clamp(1, 64);
     let rings = if opts.uring && uring::enabled_in_kernel() {
         make_rings(threads)
     } else {
         None
     };
+    let threads = threads.unwrap_or((2 * cpus).max(4)).clamp(1, 64);
     // With io_uring, /dev/fuse carries only FORGET and INTERRUPT: one thread is enough.
     config.n_threads = Some(if rings.is_some() { 1 } else { threads });
     config.clone_fd = true;
@@ -334,11 +334,12 @@ fn serve(
     Ok(())
 }
 
-/// The io_uring rings, `threads` spread over the kernel's per-CPU queues (at least one each);
-/// None (and /dev/fuse alone) when they cannot be made.
-fn make_rings(threads: usize) -> Option<uring::Rings> {
+/// The io_uring rings: `threads` spread over the kernel's per-CPU queues (at least one each),
+/// or by default a read-ahead window's worth per queue; None (and /dev/fuse alone) when they
+/// cannot be made.
+fn make_rings(threads: Option<usize>) -> Option<uring::Rings> {
     let made = uring::possible_cpus().and_then(|queues| {
-        let per_queue = threads.div_ceil(queues).max(1);
+        let per_queue = threads.map_or(RING_DEPTH, |n| n.clamp(1, 64).div_ceil(queues).max(1));
         uring::Rings::create(queues, per_queue, vaultfs::adapter::MAX_WRITE as usize)
     });
     match made {
@@ -349,6 +350,14 @@ fn make_rings(threads: usize) -> Option<uring::Rings> {
         }
     }
 }
+
+/// Threads (kernel entries) per io_uring queue by default: a sequential read's read-ahead
+/// window arrives at once, all on the reader's CPU's queue, as READAHEAD_KIB / max_write
+/// requests; with fewer entries part of it waits. Measured on a cold 1 GiB read, alternating
+/// four times: 1236-1575 MB/s with 4 per queue against 743-1095 with 2; random reads, untar
+/// and create-delete unchanged within the noise. An entry's 1 MiB buffer is resident only once
+/// used.
+const RING_DEPTH: usize = (READAHEAD_KIB as usize * 1024) / vaultfs::adapter::MAX_WRITE as usize;
 
 /// Kernel read-ahead for the mount, in KiB. A FUSE mount starts with 128 KiB, which caps read
 /// requests at 128 KiB and keeps one or two in flight; 4 MiB lets the kernel send 1 MiB
