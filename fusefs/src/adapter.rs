@@ -599,11 +599,9 @@ impl fuser::Filesystem for Adapter {
 }
 
 fn xattr_reply(reply: ReplyXattr, v: &[u8], size: u32) {
-    if size == 0 {
-        reply.size(v.len() as u32);
-    } else if (size as usize) < v.len() {
-        reply.error(Errno::from_i32(libc::ERANGE));
-    } else {
-        reply.data(v);
+    match crate::wire::xattr_answer(v, size) {
+        Ok(crate::wire::XattrAnswer::Size(n)) => reply.size(n),
+        Ok(crate::wire::XattrAnswer::Value(v)) => reply.data(v),
+        Err(e) => reply.error(err(e)),
     }
 }

@@ -551,20 +551,25 @@ impl VaultFs {
 
     /// Reads up to `size` bytes at `off` and hands them to `f` (a reply), from a reused buffer.
     pub fn read<T>(&self, fh: u64, off: u64, size: u32, f: impl FnOnce(&[u8]) -> T) -> FsResult<T> {
-        let (inode, c) = self.file_content(fh)?;
-        let c = c.read();
-        c.read_with(off, size as usize, f).map_err(|e| {
-            error!(ino = inode.ino, offset = off, file = %c.backing_path(), "read failed: {e}");
-            ce(e)
-        })
+        self.reading(fh, off, |c| c.read_with(off, size as usize, f))
     }
 
     /// Reads up to `out.len()` bytes at `off` straight into `out` (a reply buffer); returns how
     /// many.
     pub fn read_into(&self, fh: u64, off: u64, out: &mut [u8]) -> FsResult<usize> {
+        self.reading(fh, off, |c| c.read_into(off, out))
+    }
+
+    /// Runs a read of the open file `fh` under its read lock; a failure is logged and mapped.
+    fn reading<T>(
+        &self,
+        fh: u64,
+        off: u64,
+        read: impl FnOnce(&Content) -> Result<T, ContentError>,
+    ) -> FsResult<T> {
         let (inode, c) = self.file_content(fh)?;
         let c = c.read();
-        c.read_into(off, out).map_err(|e| {
+        read(&c).map_err(|e| {
             error!(ino = inode.ino, offset = off, file = %c.backing_path(), "read failed: {e}");
             ce(e)
         })

@@ -274,10 +274,14 @@ impl Entry {
         // SAFETY: see `submit`; the kernel is done with the buffers until the next submission.
         let header = unsafe { std::slice::from_raw_parts_mut(self.header, HEADER_BUF) };
         let payload = unsafe { std::slice::from_raw_parts_mut(self.payload, self.payload_len) };
-        let le64 =
-            |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default());
-        let commit_id = le64(header, ENT_IN_OUT + 8);
-        let payload_sz = le64(header, ENT_IN_OUT + 16) as u32 as usize;
+        // struct fuse_uring_ent_in_out: flags (u64), commit_id (u64), payload_sz (u32).
+        let field = |at: usize, n: usize| {
+            let mut b = [0u8; 8];
+            b[..n].copy_from_slice(&header[ENT_IN_OUT + at..ENT_IN_OUT + at + n]);
+            u64::from_le_bytes(b)
+        };
+        let commit_id = field(8, 8);
+        let payload_sz = field(16, 4) as usize;
         let h = InHeader::parse(&header[..IN_HEADER_LEN]);
         let mut arg = [0u8; OP_IN_MAX];
         let result = match h {

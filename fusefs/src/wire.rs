@@ -452,13 +452,12 @@ impl Dispatcher {
                 } else {
                     fs.listxattr(ino)?
                 };
-                if size == 0 {
-                    w.u32(v.len() as u32)?; // fuse_getxattr_out
-                    w.u32(0)?;
-                } else if (size as usize) < v.len() {
-                    return Err(libc::ERANGE);
-                } else {
-                    w.bytes(&v)?;
+                match xattr_answer(&v, size)? {
+                    XattrAnswer::Size(n) => {
+                        w.u32(n)?; // fuse_getxattr_out
+                        w.u32(0)?;
+                    }
+                    XattrAnswer::Value(v) => w.bytes(v)?,
                 }
             }
             op::REMOVEXATTR => {
@@ -521,6 +520,23 @@ impl Dispatcher {
             _ => return Err(libc::ENOSYS),
         }
         Ok(w.at)
+    }
+}
+
+/// The answer to GETXATTR or LISTXATTR with a buffer of `size` bytes: the value's size when
+/// asked with 0, `ERANGE` when the buffer is too small, else the value.
+pub enum XattrAnswer<'a> {
+    Size(u32),
+    Value(&'a [u8]),
+}
+
+pub fn xattr_answer(v: &[u8], size: u32) -> Result<XattrAnswer<'_>, Errno> {
+    if size == 0 {
+        Ok(XattrAnswer::Size(v.len() as u32))
+    } else if (size as usize) < v.len() {
+        Err(libc::ERANGE)
+    } else {
+        Ok(XattrAnswer::Value(v))
     }
 }
 
