@@ -3110,6 +3110,14 @@ fn full_disk_keeps_stored_data() {
 
 /// Thread names of the vaultfs process serving `v`'s mount point.
 fn daemon_threads(v: &Vault) -> Vec<String> {
+    daemon_thread_policies(v)
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// Each thread of the mount's daemon: its name and scheduling policy (field 41 of its `stat`).
+fn daemon_thread_policies(v: &Vault) -> Vec<(String, u32)> {
     let mnt = v.mnt.as_os_str().as_bytes();
     let pid = fs::read_dir("/proc")
         .unwrap()
@@ -3121,8 +3129,15 @@ fn daemon_threads(v: &Vault) -> Vec<String> {
         .expect("no vaultfs process for the mount point");
     fs::read_dir(pid.path().join("task"))
         .unwrap()
-        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            let comm = fs::read_to_string(t.join("comm")).ok()?;
+            let stat = fs::read_to_string(t.join("stat")).ok()?;
+            // Fields after the parenthesised name start at field 3.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let policy = rest.split(' ').nth(41 - 3)?.parse().ok()?;
+            Some((comm.trim().to_string(), policy))
+        })
         .collect()
 }
 
@@ -3181,6 +3196,36 @@ fn transport_follows_kernel_and_option() {
             assert_eq!(fs::read(v.mnt.join(format!("f{r}"))).unwrap(), data);
             assert!(v.mnt.join(format!("d{r}")).is_dir());
         }
+        // Small reads are committed at idle priority (idle_commit.rs); afterwards every
+        // thread is back at SCHED_OTHER (0). A thread may still be finishing its last commit,
+        // so wait for it, bounded.
+        let fh = fs::File::open(&f).unwrap();
+        fh.sync_all().unwrap();
+        // Out of the page cache, so that the reads below reach the daemon.
+        rustix::fs::fadvise(&fh, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        rustix::fs::fadvise(&fh, 0, None, rustix::fs::Advice::Random).unwrap();
+        let mut buf = [0u8; 4096];
+        for i in 0..2000u64 {
+            let off = (i * 7919 % 700) * 4096;
+            fh.read_exact_at(&mut buf, off).unwrap();
+            assert_eq!(buf[..], data[off as usize..off as usize + 4096]);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let odd: Vec<_> = daemon_thread_policies(&v)
+                .into_iter()
+                .filter(|(_, p)| *p != 0)
+                .collect();
+            if odd.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "threads not at SCHED_OTHER: {odd:?}"
+            );
+            std::thread::yield_now();
+        }
+        drop(fh);
         v.unmount();
         let _ = fs::remove_file(&v.log);
     }

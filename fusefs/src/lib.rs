@@ -5,6 +5,7 @@
 pub mod adapter;
 pub mod content;
 pub mod fs;
+mod idle_commit;
 pub mod sys;
 pub mod uring;
 pub mod wire;
