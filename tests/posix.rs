@@ -3196,20 +3196,29 @@ fn transport_follows_kernel_and_option() {
             assert_eq!(fs::read(v.mnt.join(format!("f{r}"))).unwrap(), data);
             assert!(v.mnt.join(format!("d{r}")).is_dir());
         }
-        // Small reads are committed at idle priority (idle_commit.rs); afterwards every
-        // thread is back at SCHED_OTHER (0). A thread may still be finishing its last commit,
-        // so wait for it, bounded.
+        // While callers move between CPUs, replies are committed at idle priority
+        // (idle_commit.rs); afterwards every thread is back at SCHED_OTHER (0). The reader
+        // below moves itself at every read so that this happens. A thread may still be
+        // finishing its last commit, so wait for it, bounded.
         let fh = fs::File::open(&f).unwrap();
         fh.sync_all().unwrap();
         // Out of the page cache, so that the reads below reach the daemon.
         rustix::fs::fadvise(&fh, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         rustix::fs::fadvise(&fh, 0, None, rustix::fs::Advice::Random).unwrap();
         let mut buf = [0u8; 4096];
+        let all = rustix::thread::sched_getaffinity(None).unwrap();
+        let cpus: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| all.is_set(c))
+            .collect();
         for i in 0..2000u64 {
+            let mut one = rustix::thread::CpuSet::new();
+            one.set(cpus[i as usize % cpus.len()]);
+            rustix::thread::sched_setaffinity(None, &one).unwrap();
             let off = (i * 7919 % 700) * 4096;
             fh.read_exact_at(&mut buf, off).unwrap();
             assert_eq!(buf[..], data[off as usize..off as usize + 4096]);
         }
+        rustix::thread::sched_setaffinity(None, &all).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let odd: Vec<_> = daemon_thread_policies(&v)

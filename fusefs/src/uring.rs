@@ -21,7 +21,7 @@
 //! registered.
 #![allow(unsafe_code)]
 
-use crate::idle_commit::{self, IdleCommit};
+use crate::idle_commit::{self, IdleCommit, Moves};
 use crate::wire::{self, Dispatcher, InHeader, IN_HEADER_LEN, SMALL_REPLY_MAX};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -79,6 +79,7 @@ struct Entry {
     payload_len: usize,
     iov: *const libc::iovec,
     idle: IdleCommit,
+    moves: Arc<Moves>,
 }
 
 // The pointers are to leaked heap buffers that only this entry's thread touches.
@@ -98,6 +99,7 @@ impl Rings {
             "idle-priority commits: {}",
             if idle { "on" } else { "not allowed here" }
         );
+        let moves = Arc::new(Moves::default());
         for q in 0..queues {
             let qid = u16::try_from(q).map_err(std::io::Error::other)?;
             for _ in 0..per_queue {
@@ -122,6 +124,7 @@ impl Rings {
                     payload_len,
                     iov: iov.as_ptr(),
                     idle: IdleCommit::new(idle),
+                    moves: moves.clone(),
                 });
             }
         }
@@ -261,16 +264,30 @@ impl Entry {
         }
     }
 
-    /// Whether the request in the buffers is one whose caller waits for nothing but its reply
-    /// and comes straight back: its reply is committed at idle priority (see idle_commit).
+    /// Whether the reply to the request in the buffers is to be committed at idle priority
+    /// (see idle_commit): its caller waits for it, and callers are being moved between CPUs.
     fn idle_commit_request(&self) -> bool {
         // SAFETY: see `submit`; read between the CQE and the next submission.
-        let header = unsafe { std::slice::from_raw_parts(self.header, OP_IN + 24) };
-        let opcode = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        // Measured side by side (PERFORMANCE.md): READ gains; LOOKUP, GETATTR, READDIR(PLUS)
-        // and the other metadata requests showed no gain beyond noise, so they commit as
-        // before.
-        opcode == wire::op::READ
+        let header = unsafe { std::slice::from_raw_parts(self.header, IN_HEADER_LEN) };
+        let word = |at: usize| {
+            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        // fuse_in_header: opcode at 4, the calling thread's pid at 32.
+        let (opcode, pid) = (word(4), word(32));
+        // Nobody waits on these: write-back and read-ahead come from the kernel's own
+        // threads, RELEASE is sent in the background, and an fsync's wait is the disk's.
+        let background = matches!(
+            opcode,
+            wire::op::WRITE
+                | wire::op::RELEASE
+                | wire::op::RELEASEDIR
+                | wire::op::FSYNC
+                | wire::op::FSYNCDIR
+                | wire::op::FORGET
+                | wire::op::BATCH_FORGET
+                | wire::op::DESTROY
+        );
+        !background && self.moves.note(pid, self.qid)
     }
 
     /// Whether the request in the buffers is a READ or WRITE of at least `LARGE` bytes.
