@@ -180,7 +180,11 @@ mod tests {
 
     #[test]
     fn a_commit_window_ends_at_normal_priority() {
-        assert!(available(), "the tests run as root");
+        if !available() {
+            // Not root and no RLIMIT_NICE of 20: the switch is never used then (CI runs as root).
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "SCHED_IDLE not allowed");
+            return;
+        }
         let mut ic = IdleCommit::new(true);
         let inside = ic.run(true, policy);
         assert_eq!(inside, libc::SCHED_IDLE);
