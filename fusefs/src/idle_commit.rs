@@ -182,7 +182,10 @@ mod tests {
     fn a_commit_window_ends_at_normal_priority() {
         if !available() {
             // Not root and no RLIMIT_NICE of 20: the switch is never used then (CI runs as root).
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "SCHED_IDLE not allowed");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "SCHED_IDLE not allowed"
+            );
             return;
         }
         let mut ic = IdleCommit::new(true);
