@@ -1880,6 +1880,107 @@ fn nobody_probe(root: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// Modes of files that uid 65534 wrote to, truncated, or opened with `O_TRUNC`, after root
+/// gave them set-user-ID and set-group-ID bits; plus root's own write and a chown. The kernel
+/// clears the bits for callers without `CAP_FSETID`; with `FUSE_HANDLE_KILLPRIV_V2` vaultfs does.
+fn suid_probe(root: &Path) -> Vec<u32> {
+    chmod(root, 0o755).unwrap();
+    fs::create_dir(root.join("k")).unwrap();
+    chmod(&root.join("k"), 0o777).unwrap();
+    // (name, mode root gives it, what nobody does: 0 write, 1 truncate, 2 O_TRUNC, 3 nothing)
+    let cases: [(&str, u32, u8); 7] = [
+        ("w", 0o6777, 0),
+        ("t", 0o6777, 1),
+        ("o", 0o6777, 2),
+        ("g", 0o2766, 0), // set-group-ID without group-execute, writer not in the group
+        ("n", 0o6766, 3), // untouched
+        ("r", 0o6777, 3), // root writes below
+        ("c", 0o6755, 3), // root chowns below
+    ];
+    for (n, mode, _) in cases {
+        put(&root.join("k").join(n), b"abc").unwrap();
+        chmod(&root.join("k").join(n), mode).unwrap();
+    }
+    let dir = File::open(root.join("k")).unwrap();
+    let dfd = dir.as_raw_fd();
+    let pid = fork_child(|| {
+        // SAFETY: system calls on a valid descriptor and C-string literals.
+        unsafe {
+            close_other_fds(&mut [dfd]);
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY as libc::gid_t) != 0
+                || libc::setuid(NOBODY as libc::uid_t) != 0
+            {
+                return 10;
+            }
+            for (name, _, what) in cases {
+                let c = CString::new(name).unwrap();
+                let ok = match what {
+                    0 => {
+                        let fd = libc::openat(dfd, c.as_ptr(), libc::O_WRONLY | libc::O_APPEND);
+                        let w = fd >= 0 && libc::write(fd, b"x".as_ptr().cast(), 1) == 1;
+                        fd >= 0 && libc::close(fd) == 0 && w
+                    }
+                    1 => {
+                        let fd = libc::openat(dfd, c.as_ptr(), libc::O_WRONLY);
+                        let t = fd >= 0 && libc::ftruncate(fd, 1) == 0;
+                        fd >= 0 && libc::close(fd) == 0 && t
+                    }
+                    2 => {
+                        let fd = libc::openat(dfd, c.as_ptr(), libc::O_WRONLY | libc::O_TRUNC);
+                        fd >= 0 && libc::close(fd) == 0
+                    }
+                    _ => true,
+                };
+                if !ok {
+                    return 20;
+                }
+            }
+            0
+        }
+    });
+    assert_eq!(wait_child(pid), 0, "child as 65534 failed");
+    {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(root.join("k/r"))
+            .unwrap();
+        f.write_all(b"x").unwrap();
+    }
+    std::os::unix::fs::chown(root.join("k/c"), Some(1), Some(1)).unwrap();
+    cases
+        .iter()
+        .map(|(n, _, _)| meta(&root.join("k").join(n)).unwrap().perm)
+        .collect()
+}
+
+#[test]
+fn suid_sgid_cleared_as_on_ext4() {
+    if !common::require_fuse() || !require_root() {
+        return;
+    }
+    let mut e = Env::with("aes-256-gcm", &["allow_other"]);
+    let reference = suid_probe(e.plain.path());
+    assert_eq!(
+        reference,
+        [0o777, 0o777, 0o777, 0o766, 0o6766, 0o6777, 0o755],
+        "the reference filesystem disagrees with the expectations"
+    );
+    let got = suid_probe(e.mnt());
+    assert_eq!(
+        got, reference,
+        "modes after writes and truncates by uid 65534: vaultfs (left), reference (right)"
+    );
+    // And after a remount, from what is on disk.
+    e.v.unmount();
+    e.v.mount_with(&["allow_other"]);
+    let modes: Vec<u32> = ["w", "t", "o", "g", "n", "r", "c"]
+        .iter()
+        .map(|n| meta(&e.v.p(&format!("k/{n}"))).unwrap().perm)
+        .collect();
+    assert_eq!(modes, reference, "after a remount");
+}
+
 #[test]
 fn permissions_allow_other() {
     if !common::require_fuse() || !require_root() {

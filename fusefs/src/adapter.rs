@@ -47,6 +47,16 @@ impl Adapter {
     fn first_request(&self) {
         (self.first_request)();
     }
+
+    /// An `O_TRUNC` open clears set-user-ID and set-group-ID when the caller lacks CAP_FSETID
+    /// (`FUSE_OPEN_KILL_SUIDGID`, which fuser does not pass on; taken as: not root).
+    fn kill_on_trunc(&self, req: &Request, ino: u64, flags: i32) -> Result<(), i32> {
+        if flags & libc::O_TRUNC != 0 && req.uid() != 0 {
+            self.fs.kill_suid_sgid(ino, caller(req))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 fn err(e: i32) -> Errno {
@@ -110,6 +120,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -149,7 +160,12 @@ impl fuser::Filesystem for Adapter {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             // Symlink targets never change in place: the kernel may cache them.
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
+            | InitFlags::FUSE_NO_OPENDIR_SUPPORT
+            // We clear set-user-ID and set-group-ID on writes and truncates ourselves (the
+            // requests say when), so the kernel need not ask for `security.capability` before
+            // every write() (it marks an inode S_NOSEC after one check) nor refresh the mode
+            // before every chown; see DESIGN-DECISIONS.md.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         // Not FUSE_POSIX_ACL: it would let the kernel cache "no ACL" answers, but it also turns
         // on default_permissions, and then every create or unlink costs a GETATTR of the
         // directory (its attributes are invalidated by the change and needed for the next
@@ -204,7 +220,7 @@ impl fuser::Filesystem for Adapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -220,6 +236,13 @@ impl fuser::Filesystem for Adapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        // fuser does not pass FATTR_KILL_SUIDGID on; the kernel sets it for a truncate by a
+        // caller without CAP_FSETID, which outside root is every caller.
+        if size.is_some() && req.uid() != 0 {
+            if let Err(e) = self.fs.kill_suid_sgid(ino.0, caller(req)) {
+                return reply.error(err(e));
+            }
+        }
         match self.fs.setattr(
             ino.0,
             mode,
@@ -340,10 +363,16 @@ impl fuser::Filesystem for Adapter {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.first_request();
         match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => match self.kill_on_trunc(req, ino.0, flags.0) {
+                Ok(()) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => {
+                    self.fs.release(fh);
+                    reply.error(err(e))
+                }
+            },
             Err(e) => reply.error(err(e)),
         }
     }
@@ -373,16 +402,21 @@ impl fuser::Filesystem for Adapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = self.fs.kill_suid_sgid_fh(fh.0, caller(req)) {
+                return reply.error(err(e));
+            }
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(err(e)),

@@ -102,6 +102,24 @@ impl Attr {
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    /// The calling thread (0 when the kernel itself asks).
+    pub pid: u32,
+}
+
+impl Caller {
+    /// Whether the caller is in group `gid`: its own group, or one of its supplementary groups
+    /// (read from `/proc/PID/status`; when that cannot be read, only its own group counts).
+    fn in_group(&self, gid: u32) -> bool {
+        if self.gid == gid {
+            return true;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid));
+        status.ok().is_some_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+        })
+    }
 }
 
 struct Inode {
@@ -530,6 +548,40 @@ impl VaultFs {
             .write()
             .insert(fh, Arc::new(Handle::File { inode, content }));
         Ok(fh)
+    }
+
+    /// What the kernel does when `caller`, without `CAP_FSETID`, writes to or truncates the
+    /// regular file `ino`: set-user-ID is cleared, and set-group-ID too where group-execute is
+    /// set or the caller is not in the file's group. With `FUSE_HANDLE_KILLPRIV_V2` the kernel
+    /// leaves this to the file system and flags the requests it applies to (see
+    /// DESIGN-DECISIONS.md). Changes nothing if neither bit is set.
+    pub fn kill_suid_sgid(&self, ino: u64, caller: Caller) -> FsResult<()> {
+        self.kill_privs(&*self.inode(ino)?, caller)
+    }
+
+    /// [`VaultFs::kill_suid_sgid`] for the file behind the open handle `fh`.
+    pub fn kill_suid_sgid_fh(&self, fh: u64, caller: Caller) -> FsResult<()> {
+        self.kill_privs(&self.file_content(fh)?.0, caller)
+    }
+
+    fn kill_privs(&self, inode: &Inode, caller: Caller) -> FsResult<()> {
+        if inode.kind != Kind::File {
+            return Ok(());
+        }
+        let st = rustix::fs::statat(&inode.fd, "", AtFlags::EMPTY_PATH).map_err(en)?;
+        let mode = st.st_mode & 0o7777;
+        if mode & (libc::S_ISUID | libc::S_ISGID) == 0 {
+            return Ok(());
+        }
+        let mut kept = mode & !libc::S_ISUID;
+        if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !caller.in_group(st.st_gid)) {
+            kept &= !libc::S_ISGID;
+        }
+        if kept != mode {
+            self.check_writable()?;
+            rustix::fs::chmod(inode.proc_path().as_str(), Mode::from_raw_mode(kept)).map_err(en)?;
+        }
+        Ok(())
     }
 
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {

@@ -64,7 +64,15 @@ mod fattr {
     pub const FH: u32 = 1 << 6;
     pub const ATIME_NOW: u32 = 1 << 7;
     pub const MTIME_NOW: u32 = 1 << 8;
+    /// A truncate by a caller without `CAP_FSETID` (`FUSE_HANDLE_KILLPRIV_V2`).
+    pub const KILL_SUIDGID: u32 = 1 << 11;
 }
+
+/// `FUSE_WRITE_KILL_SUIDGID` in `fuse_write_in.write_flags`, `FUSE_OPEN_KILL_SUIDGID` in
+/// `fuse_open_in.open_flags`: the caller lacks `CAP_FSETID`, so the write or the `O_TRUNC`
+/// clears set-user-ID and set-group-ID (`FUSE_HANDLE_KILLPRIV_V2`).
+const WRITE_KILL_SUIDGID: u32 = 1 << 2;
+const OPEN_KILL_SUIDGID: u32 = 1 << 0;
 
 /// `sizeof(struct fuse_in_header)`.
 pub const IN_HEADER_LEN: usize = 40;
@@ -85,6 +93,7 @@ pub struct InHeader {
     pub nodeid: u64,
     pub uid: u32,
     pub gid: u32,
+    pub pid: u32,
 }
 
 impl InHeader {
@@ -97,6 +106,7 @@ impl InHeader {
             nodeid: r.u64()?,
             uid: r.u32()?,
             gid: r.u32()?,
+            pid: r.u32()?,
         })
     }
 }
@@ -301,6 +311,7 @@ impl Dispatcher {
         let caller = Caller {
             uid: h.uid,
             gid: h.gid,
+            pid: h.pid,
         };
         let mut a = Reader(arg);
         let mut r = Reader(rest);
@@ -340,6 +351,9 @@ impl Dispatcher {
                 let gid = a.u32().ok_or_else(bad)?;
                 let has = |bit| valid & bit != 0;
                 let time = |set, now, s, n| has(set).then(|| (!has(now)).then(|| join_time(s, n)));
+                if has(fattr::KILL_SUIDGID) && has(fattr::SIZE) {
+                    fs.kill_suid_sgid(ino, caller)?;
+                }
                 let at = fs.setattr(
                     ino,
                     has(fattr::MODE).then_some(mode),
@@ -399,7 +413,14 @@ impl Dispatcher {
             op::OPEN => {
                 (self.first_request)();
                 let flags = a.u32().ok_or_else(bad)?;
+                let open_flags = a.u32().ok_or_else(bad)?;
                 let fh = fs.open(ino, flags as i32)?;
+                if open_flags & OPEN_KILL_SUIDGID != 0 && flags as i32 & libc::O_TRUNC != 0 {
+                    if let Err(e) = fs.kill_suid_sgid(ino, caller) {
+                        fs.release(fh);
+                        return Err(e);
+                    }
+                }
                 open_out(&mut w, fh)?;
             }
             op::READ => {
@@ -410,7 +431,11 @@ impl Dispatcher {
             }
             op::WRITE => {
                 let (fh, off, size) = read_in(&mut a)?;
+                let write_flags = a.u32().ok_or_else(bad)?;
                 let data = r.take(size as usize).ok_or_else(bad)?;
+                if write_flags & WRITE_KILL_SUIDGID != 0 {
+                    fs.kill_suid_sgid_fh(fh, caller)?;
+                }
                 let n = fs.write(fh, off, data)?;
                 w.u32(n)?;
                 w.u32(0)?;
@@ -501,6 +526,10 @@ impl Dispatcher {
                 let mode = a.u32().ok_or_else(bad)?;
                 let umask = a.u32().ok_or_else(bad)?;
                 let name = r.name().ok_or_else(bad)?;
+                // FUSE_OPEN_KILL_SUIDGID in its open_flags is not applied: CREATE is sent for a
+                // file the kernel takes to be new, and a new file keeps the set-user-ID bit its
+                // creator asked for (on ext4 too, O_TRUNC does not truncate a file the same open
+                // created).
                 let (at, fh) = fs.create(ino, name, mode, umask, flags as i32, caller)?;
                 put_entry(&mut w, Some(&at), ttl)?;
                 open_out(&mut w, fh)?;
@@ -636,6 +665,7 @@ mod tests {
             nodeid,
             uid: 0,
             gid: 0,
+            pid: 0,
         }
     }
 
