@@ -1881,8 +1881,9 @@ fn nobody_probe(root: &Path) -> Vec<i32> {
 }
 
 /// Modes of files that uid 65534 wrote to, truncated, or opened with `O_TRUNC`, after root
-/// gave them set-user-ID and set-group-ID bits; plus root's own write and a chown. The kernel
-/// clears the bits for callers without `CAP_FSETID`; with `FUSE_HANDLE_KILLPRIV_V2` vaultfs does.
+/// gave them set-user-ID and set-group-ID bits; plus root's own write and a chown; then of a
+/// file and a FIFO that 65534 created with those bits. The kernel clears the bits for callers
+/// without `CAP_FSETID`; with `FUSE_HANDLE_KILLPRIV_V2` vaultfs does. A new file keeps them.
 fn suid_probe(root: &Path) -> Vec<u32> {
     chmod(root, 0o755).unwrap();
     fs::create_dir(root.join("k")).unwrap();
@@ -1912,6 +1913,17 @@ fn suid_probe(root: &Path) -> Vec<u32> {
                 || libc::setuid(NOBODY as libc::uid_t) != 0
             {
                 return 10;
+            }
+            libc::umask(0);
+            let fd = libc::openat(
+                dfd,
+                c"new".as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                0o6755,
+            );
+            if fd < 0 || libc::close(fd) != 0 || libc::mkfifoat(dfd, c"fifo".as_ptr(), 0o4755) != 0
+            {
+                return 30;
             }
             for (name, _, what) in cases {
                 let c = CString::new(name).unwrap();
@@ -1950,7 +1962,9 @@ fn suid_probe(root: &Path) -> Vec<u32> {
     std::os::unix::fs::chown(root.join("k/c"), Some(1), Some(1)).unwrap();
     cases
         .iter()
-        .map(|(n, _, _)| meta(&root.join("k").join(n)).unwrap().perm)
+        .map(|(n, _, _)| *n)
+        .chain(["new", "fifo"])
+        .map(|n| meta(&root.join("k").join(n)).unwrap().perm)
         .collect()
 }
 
@@ -1963,7 +1977,7 @@ fn suid_sgid_cleared_as_on_ext4() {
     let reference = suid_probe(e.plain.path());
     assert_eq!(
         reference,
-        [0o777, 0o777, 0o777, 0o766, 0o6766, 0o6777, 0o755],
+        [0o777, 0o777, 0o777, 0o766, 0o6766, 0o6777, 0o755, 0o6755, 0o4755],
         "the reference filesystem disagrees with the expectations"
     );
     let got = suid_probe(e.mnt());
@@ -1974,7 +1988,7 @@ fn suid_sgid_cleared_as_on_ext4() {
     // And after a remount, from what is on disk.
     e.v.unmount();
     e.v.mount_with(&["allow_other"]);
-    let modes: Vec<u32> = ["w", "t", "o", "g", "n", "r", "c"]
+    let modes: Vec<u32> = ["w", "t", "o", "g", "n", "r", "c", "new", "fifo"]
         .iter()
         .map(|n| meta(&e.v.p(&format!("k/{n}"))).unwrap().perm)
         .collect();

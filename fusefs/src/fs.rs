@@ -483,14 +483,33 @@ impl VaultFs {
         let dir = self.inode(parent)?;
         let bn = self.backing_name(&dir, name)?;
         self.write_long_side(&dir, &bn)?;
-        let mut of = OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        if flags & libc::O_EXCL != 0 {
-            of |= OFlags::EXCL;
-        }
         let perm = mode & !umask & 0o7777;
-        let file =
-            rustix::fs::openat(&dir.fd, bn.name(), of, Mode::from_raw_mode(perm)).map_err(en)?;
-        self.chown_new(&dir, file.as_fd(), caller)?;
+        // Create it exclusively, so that we know whether it is new: an existing file (CREATE
+        // without O_EXCL for a name the kernel took to be free) keeps its owner and mode.
+        let of = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let perm_mode = Mode::from_raw_mode(perm);
+        let (file, created) = match rustix::fs::openat(
+            &dir.fd,
+            bn.name(),
+            of | OFlags::CREATE | OFlags::EXCL,
+            perm_mode,
+        ) {
+            Ok(f) => (f, true),
+            Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => (
+                rustix::fs::openat(&dir.fd, bn.name(), of, Mode::empty()).map_err(en)?,
+                false,
+            ),
+            Err(e) => return Err(en(e)),
+        };
+        if created {
+            self.chown_new(&dir, file.as_fd(), caller)?;
+            // Giving the file to the caller cleared set-user-ID and set-group-ID (chown does,
+            // for root too); a new file keeps what its creator asked for, as on ext4 (the
+            // kernel has already dropped a set-group-ID the caller may not have).
+            if perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                rustix::fs::fchmod(&file, perm_mode).map_err(en)?;
+            }
+        }
         let attr = self.remember(self.open_child(&dir, bn.name())?)?;
         let fh = self.open_inode(attr.ino, Some(file), flags)?;
         if flags & libc::O_TRUNC != 0 && attr.size > 0 {
@@ -899,7 +918,15 @@ impl VaultFs {
         .map_err(en)?;
         let fd = self.open_child(&dir, bn.name())?;
         self.chown_new(&dir, fd.as_fd(), caller)?;
-        self.remember(fd)
+        let attr = self.remember(fd)?;
+        // As for regular files (see `create`): the chown cleared set-user-ID and set-group-ID.
+        let perm = mode & !umask & 0o7777;
+        if perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            let node = self.inode(attr.ino)?;
+            rustix::fs::chmod(node.proc_path().as_str(), Mode::from_raw_mode(perm)).map_err(en)?;
+            return self.stat_inode(&node);
+        }
+        Ok(attr)
     }
 
     pub fn symlink(
