@@ -26,8 +26,8 @@ pub struct Adapter {
     pub fs: Arc<VaultFs>,
     pub writeback: bool,
     /// False with `-o noxattr`: every xattr request is answered `ENOSYS`, which the kernel
-    /// remembers for the mount (then `EOPNOTSUPP` to callers, without asking). That also ends
-    /// the `security.capability` GETXATTR the kernel otherwise sends before every `write()`.
+    /// remembers for the mount (then `EOPNOTSUPP` to callers, without asking), including the
+    /// `security.capability` GETXATTR the kernel still sends once per inode and at each chown.
     pub xattrs: bool,
     /// Runs when the session ends, before fuser drops its mount handle. The binary exits the
     /// process here: fuser 0.18 would otherwise unmount the mount point again by path (taking a
