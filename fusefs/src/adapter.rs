@@ -43,6 +43,13 @@ pub struct Adapter {
     pub uring: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Open replies keep the file's page cache (`FOPEN_KEEP_CACHE`). Without it the kernel drops a
+/// file's cached pages at every open, so every open-and-read of an unchanged file went back to
+/// the daemon for a READ and a decryption. Every change to a vault's files goes through this
+/// mount's kernel inode (writes, truncates; one mount per vault), so what the kernel caches is
+/// never stale.
+const KEEP_CACHE: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+
 impl Adapter {
     fn first_request(&self) {
         (self.first_request)();
@@ -367,7 +374,7 @@ impl fuser::Filesystem for Adapter {
         self.first_request();
         match self.fs.open(ino.0, flags.0) {
             Ok(fh) => match self.kill_on_trunc(req, ino.0, flags.0) {
-                Ok(()) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(()) => reply.opened(FileHandle(fh), KEEP_CACHE),
                 Err(e) => {
                     self.fs.release(fh);
                     reply.error(err(e))
@@ -609,7 +616,7 @@ impl fuser::Filesystem for Adapter {
                 &fattr(&a),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                KEEP_CACHE,
             ),
             Err(e) => reply.error(err(e)),
         }
