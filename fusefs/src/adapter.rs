@@ -611,13 +611,9 @@ impl fuser::Filesystem for Adapter {
             .fs
             .create(parent.0, name, mode, umask, flags, caller(req))
         {
-            Ok((a, fh)) => reply.created(
-                &TTL,
-                &fattr(&a),
-                Generation(0),
-                FileHandle(fh),
-                KEEP_CACHE,
-            ),
+            Ok((a, fh)) => {
+                reply.created(&TTL, &fattr(&a), Generation(0), FileHandle(fh), KEEP_CACHE)
+            }
             Err(e) => reply.error(err(e)),
         }
     }
