@@ -55,10 +55,11 @@ impl Adapter {
         (self.first_request)();
     }
 
-    /// An `O_TRUNC` open clears set-user-ID and set-group-ID when the caller lacks CAP_FSETID
-    /// (`FUSE_OPEN_KILL_SUIDGID`, which fuser does not pass on; taken as: not root).
-    fn kill_on_trunc(&self, req: &Request, ino: u64, flags: i32) -> Result<(), i32> {
-        if flags & libc::O_TRUNC != 0 && req.uid() != 0 {
+    /// A truncate or an `O_TRUNC` open clears set-user-ID and set-group-ID when the caller
+    /// lacks CAP_FSETID. The kernel says so with `FATTR_KILL_SUIDGID` and
+    /// `FUSE_OPEN_KILL_SUIDGID`, which fuser does not pass on; here it is taken as: not root.
+    fn kill_if_unprivileged(&self, req: &Request, ino: u64) -> Result<(), i32> {
+        if req.uid() != 0 {
             self.fs.kill_suid_sgid(ino, caller(req))
         } else {
             Ok(())
@@ -243,10 +244,8 @@ impl fuser::Filesystem for Adapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // fuser does not pass FATTR_KILL_SUIDGID on; the kernel sets it for a truncate by a
-        // caller without CAP_FSETID, which outside root is every caller.
-        if size.is_some() && req.uid() != 0 {
-            if let Err(e) = self.fs.kill_suid_sgid(ino.0, caller(req)) {
+        if size.is_some() {
+            if let Err(e) = self.kill_if_unprivileged(req, ino.0) {
                 return reply.error(err(e));
             }
         }
@@ -373,13 +372,20 @@ impl fuser::Filesystem for Adapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.first_request();
         match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => match self.kill_on_trunc(req, ino.0, flags.0) {
-                Ok(()) => reply.opened(FileHandle(fh), KEEP_CACHE),
-                Err(e) => {
-                    self.fs.release(fh);
-                    reply.error(err(e))
+            Ok(fh) => {
+                let killed = if flags.0 & libc::O_TRUNC != 0 {
+                    self.kill_if_unprivileged(req, ino.0)
+                } else {
+                    Ok(())
+                };
+                match killed {
+                    Ok(()) => reply.opened(FileHandle(fh), KEEP_CACHE),
+                    Err(e) => {
+                        self.fs.release(fh);
+                        reply.error(err(e))
+                    }
                 }
-            },
+            }
             Err(e) => reply.error(err(e)),
         }
     }

@@ -442,7 +442,17 @@ impl VaultFs {
     /// Owner of a new object: the caller, with the group of a set-group-ID parent. Nothing to
     /// do when the caller is who we are: the backing file system has already given the object
     /// our uid, and our gid or (set-group-ID parent) the parent's, just as it would the caller.
-    fn chown_new(&self, dir: &Inode, fd: BorrowedFd<'_>, caller: Caller) -> FsResult<()> {
+    /// Gives a node just made by the daemon to `caller` (group from a set-group-ID parent).
+    /// A chown clears set-user-ID and set-group-ID on anything but a directory (for root too),
+    /// while ext4 leaves a new node the bits its creator asked for, so `perm` (the node's
+    /// permission bits as made) is put back when it has them.
+    fn chown_new(
+        &self,
+        dir: &Inode,
+        fd: BorrowedFd<'_>,
+        caller: Caller,
+        perm: u32,
+    ) -> FsResult<()> {
         if !self.is_root || (caller.uid == self.uid && caller.gid == self.gid) {
             return Ok(());
         }
@@ -459,7 +469,13 @@ impl VaultFs {
             Some(rustix::fs::Gid::from_raw(gid)),
             AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
         )
-        .map_err(en)
+        .map_err(en)?;
+        if perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            // `fd` may be an O_PATH descriptor: change the mode through its /proc link.
+            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            rustix::fs::chmod(path.as_str(), Mode::from_raw_mode(perm)).map_err(en)?;
+        }
+        Ok(())
     }
 
     fn check_writable(&self) -> FsResult<()> {
@@ -487,12 +503,11 @@ impl VaultFs {
         // Create it exclusively, so that we know whether it is new: an existing file (CREATE
         // without O_EXCL for a name the kernel took to be free) keeps its owner and mode.
         let of = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        let perm_mode = Mode::from_raw_mode(perm);
         let (file, created) = match rustix::fs::openat(
             &dir.fd,
             bn.name(),
             of | OFlags::CREATE | OFlags::EXCL,
-            perm_mode,
+            Mode::from_raw_mode(perm),
         ) {
             Ok(f) => (f, true),
             Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => (
@@ -502,13 +517,8 @@ impl VaultFs {
             Err(e) => return Err(en(e)),
         };
         if created {
-            self.chown_new(&dir, file.as_fd(), caller)?;
-            // Giving the file to the caller cleared set-user-ID and set-group-ID (chown does,
-            // for root too); a new file keeps what its creator asked for, as on ext4 (the
-            // kernel has already dropped a set-group-ID the caller may not have).
-            if perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
-                rustix::fs::fchmod(&file, perm_mode).map_err(en)?;
-            }
+            // The kernel has already dropped a set-group-ID the caller may not have.
+            self.chown_new(&dir, file.as_fd(), caller, perm)?;
         }
         let attr = self.remember(self.open_child(&dir, bn.name())?)?;
         let fh = self.open_inode(attr.ino, Some(file), flags)?;
@@ -865,7 +875,8 @@ impl VaultFs {
                 perm |= libc::S_ISGID;
             }
             rustix::fs::fchmod(&nd, Mode::from_raw_mode(perm)).map_err(en)?;
-            self.chown_new(&dir, nd.as_fd(), caller)?;
+            // A chown leaves a directory's bits alone.
+            self.chown_new(&dir, nd.as_fd(), caller, 0)?;
             self.write_long_side(&dir, &bn)?;
             rustix::fs::renameat_with(
                 &dir.fd,
@@ -917,16 +928,8 @@ impl VaultFs {
         )
         .map_err(en)?;
         let fd = self.open_child(&dir, bn.name())?;
-        self.chown_new(&dir, fd.as_fd(), caller)?;
-        let attr = self.remember(fd)?;
-        // As for regular files (see `create`): the chown cleared set-user-ID and set-group-ID.
-        let perm = mode & !umask & 0o7777;
-        if perm & (libc::S_ISUID | libc::S_ISGID) != 0 {
-            let node = self.inode(attr.ino)?;
-            rustix::fs::chmod(node.proc_path().as_str(), Mode::from_raw_mode(perm)).map_err(en)?;
-            return self.stat_inode(&node);
-        }
-        Ok(attr)
+        self.chown_new(&dir, fd.as_fd(), caller, mode & !umask & 0o7777)?;
+        self.remember(fd)
     }
 
     pub fn symlink(
@@ -947,7 +950,7 @@ impl VaultFs {
         self.write_long_side(&dir, &bn)?;
         rustix::fs::symlinkat(enc.as_str(), &dir.fd, bn.name()).map_err(en)?;
         let fd = self.open_child(&dir, bn.name())?;
-        self.chown_new(&dir, fd.as_fd(), caller)?;
+        self.chown_new(&dir, fd.as_fd(), caller, 0)?;
         self.remember(fd)
     }
 
