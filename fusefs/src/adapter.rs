@@ -43,13 +43,6 @@ pub struct Adapter {
     pub uring: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Open replies keep the file's page cache (`FOPEN_KEEP_CACHE`). Without it the kernel drops a
-/// file's cached pages at every open, so every open-and-read of an unchanged file went back to
-/// the daemon for a READ and a decryption. Every change to a vault's files goes through this
-/// mount's kernel inode (writes, truncates; one mount per vault), so what the kernel caches is
-/// never stale.
-const KEEP_CACHE: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
-
 impl Adapter {
     fn first_request(&self) {
         (self.first_request)();
@@ -379,7 +372,7 @@ impl fuser::Filesystem for Adapter {
                     Ok(())
                 };
                 match killed {
-                    Ok(()) => reply.opened(FileHandle(fh), KEEP_CACHE),
+                    Ok(()) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                     Err(e) => {
                         self.fs.release(fh);
                         reply.error(err(e))
@@ -617,9 +610,13 @@ impl fuser::Filesystem for Adapter {
             .fs
             .create(parent.0, name, mode, umask, flags, caller(req))
         {
-            Ok((a, fh)) => {
-                reply.created(&TTL, &fattr(&a), Generation(0), FileHandle(fh), KEEP_CACHE)
-            }
+            Ok((a, fh)) => reply.created(
+                &TTL,
+                &fattr(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
             Err(e) => reply.error(err(e)),
         }
     }

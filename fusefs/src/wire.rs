@@ -585,13 +585,9 @@ fn attr_out(w: &mut Writer, a: &Attr, ttl: Duration) -> Result<(), Errno> {
 }
 
 /// `struct fuse_open_out`: no FOPEN flags, as in the adapter.
-/// `FOPEN_KEEP_CACHE`: a file's cached pages stay valid across opens (see the adapter's
-/// `KEEP_CACHE`).
-const FOPEN_KEEP_CACHE: u32 = 1 << 1;
-
 fn open_out(w: &mut Writer, fh: u64) -> Result<(), Errno> {
     w.u64(fh)?;
-    w.u32(FOPEN_KEEP_CACHE)?;
+    w.u32(0)?;
     w.u32(0)
 }
 
