@@ -7,6 +7,9 @@ use clap::ValueEnum;
 pub enum System {
     /// A directory on the file system that holds the work directory.
     Plain,
+    /// The same kind of directory, written and read with `O_DIRECT` (seq-write and seq-read
+    /// only): what the disk itself takes and gives, bypassing the page cache.
+    PlainDirect,
     /// bindfs (FUSE passthrough, libfuse high-level API) over a plain directory.
     Bindfs,
     /// gocryptfs (initialised with -scryptn 10, mounted with -passfile).
@@ -24,8 +27,9 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 8] = [
+    pub const ALL: [System; 9] = [
         System::Plain,
+        System::PlainDirect,
         System::Bindfs,
         System::Gocryptfs,
         System::Ext4Loop,
@@ -38,6 +42,7 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Plain => "plain",
+            System::PlainDirect => "plain-direct",
             System::Bindfs => "bindfs",
             System::Gocryptfs => "gocryptfs",
             System::Ext4Loop => "ext4-loop",

@@ -671,7 +671,7 @@ fn versions(systems: &[System], env: &Env) -> BTreeMap<String, String> {
             System::Ext4Loop | System::Fscrypt => {
                 v.insert("mkfs.ext4".into(), version_of(Path::new("mkfs.ext4"), "-V"));
             }
-            System::Plain => {}
+            System::Plain | System::PlainDirect => {}
         }
     }
     v

@@ -81,7 +81,7 @@ pub fn check_available(system: System, env: &Env) -> std::result::Result<(), Str
         Ok(())
     };
     match system {
-        System::Plain => Ok(()),
+        System::Plain | System::PlainDirect => Ok(()),
         System::Bindfs => {
             need_fuse()?;
             need_tool("bindfs")
@@ -251,6 +251,8 @@ pub struct Instance {
     pub mount_time: Option<Duration>,
     /// PID of the FUSE daemon, for memory sampling.
     pub daemon: Option<u32>,
+    /// Sequential I/O with `O_DIRECT`; the other workloads do not apply.
+    pub direct: bool,
     undo: Undo,
 }
 
@@ -272,10 +274,15 @@ pub fn setup(system: System, root: &Path, env: &Env) -> Result<Instance> {
         data: root.join("data"),
         mount_time: None,
         daemon: None,
+        direct: false,
         undo,
     };
     match system {
         System::Plain => mkdir(&inst.data)?,
+        System::PlainDirect => {
+            mkdir(&inst.data)?;
+            inst.direct = true;
+        }
         System::Bindfs => {
             let backing = root.join("backing");
             let mnt = root.join("mnt");

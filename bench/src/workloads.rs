@@ -5,7 +5,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,6 +93,10 @@ pub struct Measurement {
 pub fn run(w: Workload, inst: &Instance, ctx: &Ctx) -> Result<Option<Measurement>> {
     ctx.interrupt.check()?;
     let d = &inst.data;
+    if inst.direct && !matches!(w, Workload::SeqWrite | Workload::SeqRead) {
+        return Ok(None);
+    }
+    let direct = inst.direct;
     let value = match w {
         Workload::MountTime => match inst.mount_time {
             Some(t) => t.as_secs_f64(),
@@ -105,7 +109,7 @@ pub fn run(w: Workload, inst: &Instance, ctx: &Ctx) -> Result<Option<Measurement
             let sampler = inst
                 .daemon
                 .map(|pid| MemSampler::start(pid, Arc::clone(&written)));
-            let t = seq_write(&path, ctx.sizes.seq_bytes, ctx, &written);
+            let t = seq_write(&path, ctx.sizes.seq_bytes, ctx, &written, direct);
             let memory = sampler.map(MemSampler::finish);
             let t = t?;
             return Ok(Some(Measurement {
@@ -116,17 +120,23 @@ pub fn run(w: Workload, inst: &Instance, ctx: &Ctx) -> Result<Option<Measurement
         Workload::SeqRead => {
             let path = d.join("seq.bin");
             if file_len(&path) != Some(ctx.sizes.seq_bytes) {
-                seq_write(&path, ctx.sizes.seq_bytes, ctx, &AtomicU64::new(0))?;
+                seq_write(&path, ctx.sizes.seq_bytes, ctx, &AtomicU64::new(0), direct)?;
             }
             ctx.cold();
-            let t = seq_read(&path, ctx)?;
+            let t = seq_read(&path, ctx, direct)?;
             fs::remove_file(&path).ok();
             mb_per_s(ctx.sizes.seq_bytes, t)
         }
         Workload::RandRead | Workload::RandWrite => {
             let path = d.join("rand.bin");
             if file_len(&path) != Some(ctx.sizes.rand_file_bytes) {
-                seq_write(&path, ctx.sizes.rand_file_bytes, ctx, &AtomicU64::new(0))?;
+                seq_write(
+                    &path,
+                    ctx.sizes.rand_file_bytes,
+                    ctx,
+                    &AtomicU64::new(0),
+                    false,
+                )?;
             }
             ctx.cold();
             let t = rand_io(&path, w == Workload::RandWrite, ctx)?;
@@ -192,20 +202,66 @@ fn mb_per_s(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / 1e6 / t.as_secs_f64()
 }
 
+/// A page-aligned buffer, as `O_DIRECT` needs: a slice of an over-allocated vector.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    const ALIGN: usize = 4096;
+
+    fn copy_of(data: &[u8]) -> AlignedBuf {
+        let storage = vec![0u8; data.len() + Self::ALIGN];
+        let start = storage.as_ptr().align_offset(Self::ALIGN);
+        let mut b = AlignedBuf {
+            storage,
+            start,
+            len: data.len(),
+        };
+        b.as_mut_slice().copy_from_slice(data);
+        b
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
 fn file_len(p: &Path) -> Option<u64> {
     fs::metadata(p).ok().map(|m| m.len())
 }
 
-/// Writes `size` bytes in `seq_request` requests, then fsync and close; all timed.
-fn seq_write(path: &Path, size: u64, ctx: &Ctx, written: &AtomicU64) -> Result<Duration> {
+/// Writes `size` bytes in `seq_request` requests, then fsync and close; all timed. `direct`:
+/// with `O_DIRECT` from a page-aligned copy of the pattern.
+fn seq_write(
+    path: &Path,
+    size: u64,
+    ctx: &Ctx,
+    written: &AtomicU64,
+    direct: bool,
+) -> Result<Duration> {
     let req = ctx.sizes.seq_request as u64;
+    let aligned = direct.then(|| AlignedBuf::copy_of(&ctx.pattern[..req as usize]));
+    let pattern: &[u8] = aligned.as_ref().map_or(&ctx.pattern, |b| b.as_slice());
     ctx.progress.sub_start("write", size / MIB);
     let t0 = Instant::now();
-    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     let mut done = 0u64;
     while done < size {
         let n = req.min(size - done) as usize;
-        f.write_all(&ctx.pattern[..n])
+        f.write_all(&pattern[..n])
             .with_context(|| format!("writing {} at {done}", path.display()))?;
         done += n as u64;
         written.store(done, Ordering::Relaxed);
@@ -220,17 +276,22 @@ fn seq_write(path: &Path, size: u64, ctx: &Ctx, written: &AtomicU64) -> Result<D
     Ok(t0.elapsed())
 }
 
-/// Reads the whole file in `seq_request` requests; checks the length.
-fn seq_read(path: &Path, ctx: &Ctx) -> Result<Duration> {
+/// Reads the whole file in `seq_request` requests (with `O_DIRECT` if `direct`); checks the
+/// length.
+fn seq_read(path: &Path, ctx: &Ctx, direct: bool) -> Result<Duration> {
     let size = ctx.sizes.seq_bytes;
-    let mut buf = vec![0u8; ctx.sizes.seq_request];
+    let mut buf = AlignedBuf::copy_of(&vec![0u8; ctx.sizes.seq_request]);
     ctx.progress.sub_start("read", size / MIB);
     let t0 = Instant::now();
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
     let mut done = 0u64;
     loop {
         let n = f
-            .read(&mut buf)
+            .read(buf.as_mut_slice())
             .with_context(|| format!("reading {} at {done}", path.display()))?;
         if n == 0 {
             break;
