@@ -3,6 +3,7 @@
 //! operation returns `Result<_, Errno>`; the adapter in `adapter.rs` turns results into replies.
 
 use crate::content::{Content, ContentError};
+use crate::statahead::{Job, Statahead};
 use parking_lot::{Mutex, RwLock};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, Stat};
@@ -174,6 +175,8 @@ pub struct VaultFs {
     uid: u32,
     gid: u32,
     opts: Options,
+    /// Background read-ahead of the subdirectories a listing finds.
+    statahead: Statahead,
 }
 
 fn ts(sec: i64, nsec: i64) -> SystemTime {
@@ -214,6 +217,7 @@ impl VaultFs {
             uid: rustix::process::geteuid().as_raw(),
             gid: rustix::process::getegid().as_raw(),
             opts,
+            statahead: Statahead::default(),
         };
         let root = Arc::new(Inode {
             ino: ROOT_INO,
@@ -249,24 +253,10 @@ impl VaultFs {
         if let Some(iv) = dir.diriv.get() {
             return Ok(*iv);
         }
-        let f = rustix::fs::openat(
-            &dir.fd,
-            DIRIV_FILE,
-            OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| {
-            error!(dir = dir.ino, "directory IV file unreadable: {e}");
+        load_diriv(dir).map_err(|e| {
+            error!(dir = dir.ino, "directory IV file {e}");
             libc::EIO
-        })?;
-        let mut iv = [0u8; DIRIV_LEN];
-        let n = rustix::io::pread(&f, &mut iv[..], 0).map_err(en)?;
-        if n != DIRIV_LEN {
-            error!(dir = dir.ino, "directory IV file truncated");
-            return Err(libc::EIO);
-        }
-        let _ = dir.diriv.set(iv);
-        Ok(iv)
+        })
     }
 
     fn backing_name(&self, dir: &Inode, name: &OsStr) -> FsResult<BackingName> {
@@ -1160,7 +1150,8 @@ impl VaultFs {
         offset: u64,
         mut add: F,
     ) -> FsResult<()> {
-        self.walk_dir(ino, offset, |dir, e, name, next| {
+        let mut subdirs = Vec::new();
+        let walked = self.walk_dir(ino, offset, |dir, e, name, next| {
             let Some(e) = e else {
                 return add(name, next, &Attr::dot(dir.ino));
             };
@@ -1180,25 +1171,49 @@ impl VaultFs {
                 return true;
             }
             if !known && attr.kind == Kind::Dir {
-                self.prefetch_diriv(dir, &e.backing);
+                if let Some(sub) = self.inodes.read().get(&attr.ino) {
+                    subdirs.push(Arc::clone(sub));
+                }
             }
             false
-        })
-    }
-
-    /// Starts reading a newly listed subdirectory's IV file in the background: a listing is
-    /// usually followed by listings of its subdirectories, each of which needs its IV first.
-    /// Asked for together, the reads overlap on the disk instead of each waiting in turn.
-    fn prefetch_diriv(&self, parent: &Inode, bn: &str) {
-        let path = format!("{bn}/{DIRIV_FILE}");
-        if let Ok(f) = rustix::fs::openat(
-            &parent.fd,
-            path.as_str(),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::WillNeed);
-        }
+        });
+        // A walk lists these next: read them ahead (see `statahead`), and the directories in
+        // them one level further.
+        let queue = self.statahead.queue();
+        self.statahead.push(
+            subdirs
+                .into_iter()
+                .map(|d| {
+                    let queue = queue.clone();
+                    Box::new(move || {
+                        let mut found = Vec::new();
+                        read_ahead(d.fd.as_fd(), Some(&d.diriv), Some(&mut found));
+                        queue.push(
+                            found
+                                .into_iter()
+                                .map(|name| {
+                                    let d = Arc::clone(&d);
+                                    Box::new(move || {
+                                        if let Ok(fd) = rustix::fs::openat(
+                                            &d.fd,
+                                            name.as_c_str(),
+                                            OFlags::PATH
+                                                | OFlags::DIRECTORY
+                                                | OFlags::NOFOLLOW
+                                                | OFlags::CLOEXEC,
+                                            Mode::empty(),
+                                        ) {
+                                            read_ahead(fd.as_fd(), None, None);
+                                        }
+                                    }) as Job
+                                })
+                                .collect(),
+                        );
+                    }) as Job
+                })
+                .collect(),
+        );
+        walked
     }
 
     pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
@@ -1311,6 +1326,89 @@ fn kind_of_dirent(t: rustix::fs::FileType) -> Kind {
 }
 
 /// Opens the directory `name` under `at` for reading (listing, fsync, statvfs).
+/// Reads the IV file of the backing directory `dir` (no logging: the caller decides).
+fn read_diriv(dir: BorrowedFd<'_>) -> Result<[u8; DIRIV_LEN], String> {
+    let f = rustix::fs::openat(
+        dir,
+        DIRIV_FILE,
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("unreadable: {e}"))?;
+    let mut iv = [0u8; DIRIV_LEN];
+    let n = rustix::io::pread(&f, &mut iv[..], 0).map_err(|e| format!("unreadable: {e}"))?;
+    if n != DIRIV_LEN {
+        return Err("truncated".into());
+    }
+    Ok(iv)
+}
+
+/// Reads a directory's IV file into its cache.
+fn load_diriv(dir: &Inode) -> Result<[u8; DIRIV_LEN], String> {
+    let iv = read_diriv(dir.fd.as_fd())?;
+    let _ = dir.diriv.set(iv);
+    Ok(iv)
+}
+
+/// Entries of one directory whose inodes read-ahead stats at most.
+const READ_AHEAD_ENTRIES: usize = 4096;
+
+/// Subdirectories of one read-ahead directory read ahead in turn, at most.
+const READ_AHEAD_SUBDIRS: usize = 64;
+
+/// Directory read-ahead job (see `statahead`) for backing directory `dir`: its IV (into
+/// `iv_cache` when the directory has an inode, else just into the page cache), its blocks, and
+/// its entries' inodes into the backing file system's caches; the names of its subdirectories
+/// into `subdirs`. Errors end it quietly: the request that needs the same data reports them.
+/// Nothing it does is visible through the mount: no atime changes (the IV file is not shown).
+fn read_ahead(
+    dir: BorrowedFd<'_>,
+    iv_cache: Option<&OnceLock<[u8; DIRIV_LEN]>>,
+    mut subdirs: Option<&mut Vec<std::ffi::CString>>,
+) {
+    if iv_cache.and_then(|c| c.get()).is_none() {
+        match read_diriv(dir) {
+            Ok(iv) => {
+                if let Some(c) = iv_cache {
+                    let _ = c.set(iv);
+                }
+            }
+            Err(_) => return,
+        }
+    }
+    // O_NOATIME: reading ahead must not change the directory's atime, which the mount shows
+    // (without the right to it, only the IV is read ahead).
+    let Ok(fd) = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOATIME | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return;
+    };
+    let Ok(mut it) = rustix::fs::Dir::new(fd) else {
+        return;
+    };
+    let mut n = 0;
+    while let Some(Ok(e)) = it.read() {
+        let name = e.file_name();
+        if name.to_bytes().first() == Some(&b'.') {
+            continue; // "." and "..": no encrypted or reserved name starts with a dot
+        }
+        let _ = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW);
+        if let Some(found) = subdirs.as_mut() {
+            if e.file_type() == rustix::fs::FileType::Directory && found.len() < READ_AHEAD_SUBDIRS
+            {
+                found.push(name.to_owned());
+            }
+        }
+        n += 1;
+        if n == READ_AHEAD_ENTRIES {
+            break;
+        }
+    }
+}
+
 fn open_dir(at: impl AsFd, name: &str) -> FsResult<OwnedFd> {
     rustix::fs::openat(
         at,
@@ -1325,4 +1423,57 @@ fn random_hex() -> String {
     let mut b = [0u8; 8];
     let _ = getrandom::getrandom(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_ahead_fills_the_iv_cache_and_finds_subdirectories() {
+        let d = tempfile::tempdir().unwrap();
+        let iv = [7u8; DIRIV_LEN];
+        std::fs::write(d.path().join(DIRIV_FILE), iv).unwrap();
+        for sub in ["AAAA", "BBBB"] {
+            std::fs::create_dir(d.path().join(sub)).unwrap();
+        }
+        std::fs::write(d.path().join("CCCC"), b"file").unwrap();
+        let fd = rustix::fs::open(
+            d.path(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let cache = OnceLock::new();
+        let mut subdirs = Vec::new();
+        read_ahead(fd.as_fd(), Some(&cache), Some(&mut subdirs));
+        assert_eq!(cache.get(), Some(&iv));
+        subdirs.sort();
+        assert_eq!(subdirs, [c"AAAA".to_owned(), c"BBBB".to_owned()]);
+
+        // Reading ahead leaves the directory's atime alone (ext4's relatime would update an
+        // atime not later than the mtime).
+        let past = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 1_000_000,
+                tv_nsec: 0,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 2_000_000,
+                tv_nsec: 0,
+            },
+        };
+        rustix::fs::utimensat(rustix::fs::CWD, d.path(), &past, AtFlags::empty()).unwrap();
+        read_ahead(fd.as_fd(), None, None);
+        let st = rustix::fs::stat(d.path()).unwrap();
+        assert_eq!(st.st_atime, 1_000_000);
+
+        // A directory without its IV file is left alone: nothing cached, nothing found.
+        std::fs::remove_file(d.path().join(DIRIV_FILE)).unwrap();
+        let cache = OnceLock::new();
+        let mut subdirs = Vec::new();
+        read_ahead(fd.as_fd(), Some(&cache), Some(&mut subdirs));
+        assert!(cache.get().is_none());
+        assert!(subdirs.is_empty());
+    }
 }

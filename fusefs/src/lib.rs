@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod content;
 pub mod fs;
 mod idle_commit;
+mod statahead;
 pub mod sys;
 pub mod uring;
 pub mod wire;
