@@ -10,7 +10,8 @@
 //! The jobs are kept as a stack of batches, one batch per listing, taken newest batch first and
 //! in listing order within a batch: a depth-first walk wants the subdirectories of the
 //! directory it listed last, in the order it will visit them. What waits is bounded
-//! ([`MAX_PENDING`]); the oldest batches are dropped first, as the walk has gone past them.
+//! ([`MAX_PENDING`]); the oldest batches are dropped first: a depth-first walk reaches them
+//! last, and by then its newer listings will have queued more.
 
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
@@ -78,6 +79,8 @@ fn push(shared: &Arc<Shared>, jobs: Vec<Job>) {
     if st.closed {
         return;
     }
+    // Wake as many idle threads as there are new jobs: a worker does not wake another.
+    let wake = jobs.len().min(THREADS);
     st.pending += jobs.len();
     st.batches.push(jobs.into());
     while st.pending > MAX_PENDING && st.batches.len() > 1 {
@@ -101,7 +104,9 @@ fn push(shared: &Arc<Shared>, jobs: Vec<Job>) {
         }
     }
     drop(st);
-    shared.ready.notify_one();
+    for _ in 0..wake {
+        shared.ready.notify_one();
+    }
 }
 
 impl Statahead {
@@ -137,7 +142,8 @@ fn worker(shared: &Shared) {
                 shared.ready.wait(&mut st);
             }
         };
-        job();
+        // A job that panics must not take its thread with it (jobs only fill caches).
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
     }
 }
 
@@ -202,7 +208,7 @@ mod tests {
     fn pending_is_bounded_by_dropping_the_oldest() {
         let sa = Statahead::default();
         // Marked started without threads, so that nothing is taken while it fills up.
-        let (tx, _rx) = mpsc::channel();
+        let (tx, _rx) = mpsc::channel::<u32>();
         {
             let mut st = sa.shared.state.lock();
             st.started = true; // no threads: nothing is taken
@@ -212,5 +218,62 @@ mod tests {
         }
         assert!(sa.pending() <= MAX_PENDING, "{}", sa.pending());
         assert!(sa.pending() >= MAX_PENDING - 400);
+        // What was dropped is the oldest batches: what remains is the newest two, newest first.
+        let mut st = sa.shared.state.lock();
+        while let Some(job) = take(&mut st) {
+            job();
+        }
+        drop(st);
+        drop(tx);
+        let got: Vec<u32> = _rx.iter().collect();
+        let want: Vec<u32> = (4000..4400).chain(3000..3400).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_later_batch_runs_on_several_threads() {
+        let sa = Statahead::default();
+        let (tx, rx) = mpsc::channel();
+        // The first batch starts the threads; wait until it has run, so all of them are idle.
+        sa.push(vec![recorder(&tx, 0)]);
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(10)), Ok(0));
+        // Two jobs of one batch that can only finish together: each waits for the other.
+        let met = Arc::new((Mutex::new(0u32), Condvar::new()));
+        let jobs: Vec<Job> = (1..=2)
+            .map(|id| {
+                let (met, tx) = (Arc::clone(&met), tx.clone());
+                Box::new(move || {
+                    let (n, cv) = &*met;
+                    let mut n = n.lock();
+                    *n += 1;
+                    cv.notify_all();
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                    while *n < 2 && !cv.wait_until(&mut n, deadline).timed_out() {}
+                    let _ = tx.send(if *n == 2 { id } else { 100 + id });
+                }) as Job
+            })
+            .collect();
+        sa.push(jobs);
+        let mut got: Vec<u32> = (0..2)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, vec![1, 2], "100 + id: that job waited alone");
+    }
+
+    #[test]
+    fn a_panicking_job_keeps_its_thread() {
+        let sa = Statahead::default();
+        let (tx, rx) = mpsc::channel();
+        let jobs: Vec<Job> = (0..THREADS)
+            .map(|_| Box::new(|| panic!("job panics (expected in this test)")) as Job)
+            .collect();
+        sa.push(jobs);
+        sa.push((0..8).map(|i| recorder(&tx, i)).collect());
+        let mut got: Vec<u32> = (0..8)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..8).collect::<Vec<_>>());
     }
 }
