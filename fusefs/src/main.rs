@@ -287,6 +287,15 @@ fn serve(
         uring_ready: rings.is_some(),
         uring: negotiated.clone(),
     };
+    // Caught from before the mount appears: a SIGTERM sent as soon as it is visible (as
+    // service managers and tests do) must unmount, not kill the process with the default
+    // action. One that arrives earlier waits in the set and unmounts right after mounting.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .map_err(|e| CliError::new(exit::ERROR, format!("signal set-up: {e}")))?;
     let mut session = fuser::Session::new(adapter, mountpoint, &config).map_err(|e| {
         CliError::new(
             exit::MOUNT,
@@ -315,12 +324,6 @@ fn serve(
         info!("serving over io_uring");
     }
     let mut unmounter = session.unmount_callable();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ])
-    .map_err(|e| CliError::new(exit::ERROR, format!("signal set-up: {e}")))?;
     let mp = mountpoint.to_path_buf();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
