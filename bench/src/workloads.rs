@@ -212,14 +212,18 @@ struct AlignedBuf {
 impl AlignedBuf {
     const ALIGN: usize = 4096;
 
-    fn copy_of(data: &[u8]) -> AlignedBuf {
-        let storage = vec![0u8; data.len() + Self::ALIGN];
+    fn zeroed(len: usize) -> AlignedBuf {
+        let storage = vec![0u8; len + Self::ALIGN];
         let start = storage.as_ptr().align_offset(Self::ALIGN);
-        let mut b = AlignedBuf {
+        AlignedBuf {
             storage,
             start,
-            len: data.len(),
-        };
+            len,
+        }
+    }
+
+    fn copy_of(data: &[u8]) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(data.len());
         b.as_mut_slice().copy_from_slice(data);
         b
     }
@@ -280,7 +284,7 @@ fn seq_write(
 /// length.
 fn seq_read(path: &Path, ctx: &Ctx, direct: bool) -> Result<Duration> {
     let size = ctx.sizes.seq_bytes;
-    let mut buf = AlignedBuf::copy_of(&vec![0u8; ctx.sizes.seq_request]);
+    let mut buf = AlignedBuf::zeroed(ctx.sizes.seq_request);
     ctx.progress.sub_start("read", size / MIB);
     let t0 = Instant::now();
     let mut f = OpenOptions::new()

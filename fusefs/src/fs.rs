@@ -1163,7 +1163,9 @@ impl VaultFs {
         mut add: F,
     ) -> FsResult<()> {
         let mut subdirs = Vec::new();
+        let mut in_walk = false;
         let walked = self.walk_dir(ino, offset, |dir, e, name, next| {
+            in_walk = dir.read_ahead_queued.load(Ordering::Relaxed);
             let Some(e) = e else {
                 return add(name, next, &Attr::dot(dir.ino));
             };
@@ -1189,28 +1191,25 @@ impl VaultFs {
             }
             false
         });
-        if let Ok(dir) = self.inode(ino) {
-            self.queue_read_ahead(&dir, subdirs);
-        }
+        self.queue_read_ahead(in_walk, subdirs);
         walked
     }
 
-    /// Queues read-ahead of `subdirs`, just listed in `dir` (see `statahead`): a walk lists them
-    /// next. When `dir` was itself queued by its parent's listing (a walk is going on), the
-    /// directories found in them are read ahead too; a listing out of the blue (`ls` of one
-    /// directory) reads one level only.
-    fn queue_read_ahead(&self, dir: &Inode, mut subdirs: Vec<Arc<Inode>>) {
+    /// Queues read-ahead of `subdirs`, just listed (see `statahead`): a walk lists them next.
+    /// `in_walk`: the listed directory was itself queued by its parent's listing, so a walk is
+    /// going on and the directories found in them are read ahead too; a listing out of the
+    /// blue (`ls` of one directory) reads one level only.
+    fn queue_read_ahead(&self, in_walk: bool, mut subdirs: Vec<Arc<Inode>>) {
         if !self.read_ahead_on || subdirs.is_empty() {
             return;
         }
         subdirs.truncate(READ_AHEAD_LISTED);
-        let deeper = dir.read_ahead_queued.load(Ordering::Relaxed);
         let queue = self.statahead.queue();
         let jobs = subdirs
             .into_iter()
             .map(|d| {
                 d.read_ahead_queued.store(true, Ordering::Relaxed);
-                let queue = deeper.then(|| queue.clone());
+                let queue = in_walk.then(|| queue.clone());
                 Box::new(move || read_ahead_listed(&d, queue.as_ref())) as Job
             })
             .collect();
