@@ -133,14 +133,25 @@ impl Rings {
 
     /// Starts one thread per entry on the connection `fuse` (a duplicate of the session's
     /// `/dev/fuse` descriptor). Called after the INIT reply, which had the io_uring flag.
+    /// Returns once every thread runs under its name and has sent its REGISTER to the kernel,
+    /// so that a mount reported ready is served by all its rings.
     pub fn start(self, fuse: OwnedFd, dispatcher: Arc<Dispatcher>) -> std::io::Result<()> {
         let fuse = Arc::new(fuse);
+        let (started, up) = std::sync::mpsc::channel();
+        let n = self.entries.len();
         for (i, e) in self.entries.into_iter().enumerate() {
             let fuse = fuse.clone();
             let d = dispatcher.clone();
+            let started = started.clone();
             std::thread::Builder::new()
                 .name(format!("ring-{}-{i}", e.qid))
-                .spawn(move || e.run(&fuse, &d))?;
+                .spawn(move || e.run(&fuse, &d, started))?;
+        }
+        drop(started);
+        for _ in 0..n {
+            // A thread that fails before sending has already ended the process (`fatal`).
+            up.recv()
+                .map_err(|_| std::io::Error::other("an io_uring thread ended at start"))?;
         }
         Ok(())
     }
@@ -155,7 +166,7 @@ fn cmd_req(qid: u16, commit_id: u64) -> [u8; 80] {
 }
 
 impl Entry {
-    fn run(mut self, fuse: &OwnedFd, d: &Dispatcher) {
+    fn run(mut self, fuse: &OwnedFd, d: &Dispatcher, started: std::sync::mpsc::Sender<()>) {
         let home = usize::from(self.qid);
         if !set_cpus(|c| c == home) {
             // A possible CPU that is offline: its queue still needs an entry (the ring is used
@@ -166,6 +177,15 @@ impl Entry {
         if let Err(e) = self.submit(self.register_sqe(fd)) {
             fatal(self.qid, format_args!("register: {e}"));
         }
+        match self.ring.submit() {
+            // Interrupted: the SQE stays queued and goes with the first wait below.
+            Err(e) if e.raw_os_error() != Some(libc::EINTR) => {
+                fatal(self.qid, format_args!("register: {e}"))
+            }
+            _ => {}
+        }
+        // The receiver is gone only if `start` already failed; nothing to tell then.
+        let _ = started.send(());
         let mut registered = false;
         // Whether this thread is away from its queue's CPU, and whether the request it just
         // served was a large one.
