@@ -465,6 +465,7 @@ fn redirect_stdio(log_file: Option<&Path>) -> std::io::Result<()> {
 }
 
 fn main() {
+    vaultfs::sys::install_nonce_fork_hook();
     let args = match Args::try_parse() {
         Ok(mut a) => {
             // Absolute paths: the daemon changes its directory to /.

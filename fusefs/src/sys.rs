@@ -49,3 +49,16 @@ pub fn start_writeback(fd: std::os::fd::BorrowedFd<'_>, off: u64, len: u64) {
         libc::sync_file_range(fd.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
+
+/// Registers the GCM nonce pools' fork-child handler, so that they tell a forked child apart
+/// by a counter instead of a `getpid()` per sealed block (see
+/// `vaultfs_core::crypto::fork_hook_installed`). Without it they keep checking the process ID.
+pub fn install_nonce_fork_hook() {
+    // SAFETY: the handler only increments an atomic, which is allowed in a fork child.
+    let r = unsafe {
+        libc::pthread_atfork(None, None, Some(vaultfs_core::crypto::after_fork_in_child))
+    };
+    if r == 0 {
+        vaultfs_core::crypto::fork_hook_installed();
+    }
+}

@@ -4,6 +4,7 @@
 use super::{check_lengths, CipherError, ContentCipher};
 use crate::key::SecretKey;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub const NONCE_BYTES: usize = NONCE_LEN;
 pub const TAG_BYTES: usize = 16;
@@ -23,25 +24,56 @@ fn key(k: &[u8; 32]) -> Result<LessSafeKey, CipherError> {
 struct NoncePool {
     buf: [u8; 4092],
     pos: usize,
-    /// The process that filled `buf`: a forked child must not reuse its parent's bytes.
-    pid: u32,
+    /// The [`fork_generation`] in which `buf` was filled: a forked child must not reuse its
+    /// parent's bytes.
+    generation: u64,
 }
 
 thread_local! {
-    static NONCES: std::cell::RefCell<NoncePool> =
-        const { std::cell::RefCell::new(NoncePool { buf: [0; 4092], pos: 4092, pid: 0 }) };
+    static NONCES: std::cell::RefCell<NoncePool> = const {
+        std::cell::RefCell::new(NoncePool { buf: [0; 4092], pos: 4092, generation: u64::MAX })
+    };
+}
+
+/// Counts the `fork()`s this process descends from, once [`after_fork_in_child`] is installed
+/// as a `pthread_atfork` child handler (this crate has no unsafe code, so the program does it:
+/// see [`fork_hook_installed`]).
+static FORKS: AtomicU64 = AtomicU64::new(0);
+static FORK_HOOK: AtomicBool = AtomicBool::new(false);
+
+/// For `pthread_atfork(None, None, Some(after_fork_in_child))`: only increments an atomic,
+/// which is async-signal-safe and so allowed in a fork child.
+pub extern "C" fn after_fork_in_child() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Tells the nonce pools that [`after_fork_in_child`] is registered, so they compare a fork
+/// counter for every nonce instead of the process ID. `getpid()` is a system call every time:
+/// one per 4 KiB block was 4 % of the daemon's CPU during a large write.
+pub fn fork_hook_installed() {
+    FORK_HOOK.store(true, Ordering::SeqCst);
+}
+
+/// What identifies the process a pool was filled in: the fork counter with the hook, else the
+/// process ID (tagged apart from the counter's values).
+fn fork_generation() -> u64 {
+    if FORK_HOOK.load(Ordering::Relaxed) {
+        FORKS.load(Ordering::Relaxed)
+    } else {
+        (1 << 63) | u64::from(std::process::id())
+    }
 }
 
 /// A fresh random 96-bit nonce (no system call and no DRBG call per block).
 fn random_nonce() -> Result<[u8; NONCE_BYTES], CipherError> {
     let mut n = [0u8; NONCE_BYTES];
+    let generation = fork_generation();
     NONCES.with(|cell| {
         let mut p = cell.try_borrow_mut().map_err(|_| CipherError::Backend)?;
-        let pid = std::process::id();
-        if p.pos + NONCE_BYTES > p.buf.len() || p.pid != pid {
+        if p.pos + NONCE_BYTES > p.buf.len() || p.generation != generation {
             aws_lc_rs::rand::fill(&mut p.buf).map_err(|_| CipherError::Backend)?;
             p.pos = 0;
-            p.pid = pid;
+            p.generation = generation;
         }
         let at = p.pos;
         n.copy_from_slice(&p.buf[at..at + NONCE_BYTES]);

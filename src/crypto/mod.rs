@@ -8,7 +8,9 @@
 mod gcm;
 mod xts;
 
-pub use gcm::{aead_open, aead_seal, GcmContent, AEAD_OVERHEAD};
+pub use gcm::{
+    aead_open, aead_seal, after_fork_in_child, fork_hook_installed, GcmContent, AEAD_OVERHEAD,
+};
 pub use xts::XtsContent;
 
 use crate::format::BLOCK_SIZE;
