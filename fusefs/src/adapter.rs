@@ -242,6 +242,20 @@ impl fuser::Filesystem for Adapter {
                 return reply.error(err(e));
             }
         }
+        let no_field = [mode, uid, gid].iter().all(Option::is_none)
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none()
+            && [_ctime, _crtime, _chgtime, _bkuptime]
+                .iter()
+                .all(Option::is_none)
+            && _flags.is_none();
+        if no_field {
+            // See `VaultFs::kill_suid_sgid` (a SETATTR without a field).
+            if let Err(e) = self.fs.kill_suid_sgid(ino.0, caller(req)) {
+                return reply.error(err(e));
+            }
+        }
         match self.fs.setattr(
             ino.0,
             mode,

@@ -183,6 +183,9 @@ pub struct VaultFs {
     /// Whether read-ahead is on: only on local file systems, where `O_NOATIME` keeps it from
     /// changing directories' atimes.
     read_ahead_on: bool,
+    /// The session's `/dev/fuse` descriptor, for notifications to the kernel (set once
+    /// mounted; None in unit tests).
+    notify: OnceLock<OwnedFd>,
 }
 
 fn ts(sec: i64, nsec: i64) -> SystemTime {
@@ -224,6 +227,7 @@ impl VaultFs {
             gid: rustix::process::getegid().as_raw(),
             opts,
             statahead: Statahead::default(),
+            notify: OnceLock::new(),
             // `f_type`'s integer type differs between architectures.
             #[allow(clippy::unnecessary_cast)]
             read_ahead_on: rustix::fs::fstatfs(&fd)
@@ -586,6 +590,15 @@ impl VaultFs {
     /// set or the caller is not in the file's group. With `FUSE_HANDLE_KILLPRIV_V2` the kernel
     /// leaves this to the file system and flags the requests it applies to (see
     /// DESIGN-DECISIONS.md). Changes nothing if neither bit is set.
+    ///
+    /// Besides truncates (`FATTR_KILL_SUIDGID`), `O_TRUNC` opens and writes (their kill
+    /// flags), a SETATTR without a field asks for it: a write, fallocate or copy by such a
+    /// caller first has the kernel drop the bits through `file_remove_privs`, which with
+    /// `FUSE_HANDLE_KILLPRIV_V2` strips the kill request from the SETATTR and sends what is
+    /// left, nothing. It is applied there, not only at the WRITE that follows, so that the
+    /// SETATTR's reply carries the new mode: the kernel caches that reply's attributes and,
+    /// asked for the mode alone (`stat -c %a`), would go on answering the old one for the
+    /// attribute timeout, as nothing after a write invalidates a cached mode.
     pub fn kill_suid_sgid(&self, ino: u64, caller: Caller) -> FsResult<()> {
         self.kill_privs(&*self.inode(ino)?, caller)
     }
@@ -611,8 +624,35 @@ impl VaultFs {
         if kept != mode {
             self.check_writable()?;
             rustix::fs::chmod(inode.proc_path().as_str(), Mode::from_raw_mode(kept)).map_err(en)?;
+            // No reply to an OPEN or WRITE carries attributes, and nothing after them makes
+            // the kernel drop a mode it caches: tell it.
+            self.invalidate_attributes(inode.ino);
         }
         Ok(())
+    }
+
+    /// Gives the file system the session's `/dev/fuse` descriptor for notifications.
+    pub fn set_notify_fd(&self, fd: OwnedFd) {
+        let _ = self.notify.set(fd);
+    }
+
+    /// Makes the kernel forget the attributes it caches for `ino` (`FUSE_NOTIFY_INVAL_INODE`
+    /// with offset -1: attributes only, no pages, so it takes no lock a request in progress
+    /// could hold and may be sent while serving one). Best effort: a failure (unmounting,
+    /// an inode the kernel has already forgotten) leaves only the attribute timeout.
+    fn invalidate_attributes(&self, ino: u64) {
+        let Some(fd) = self.notify.get() else { return };
+        // fuse_out_header { len: u32, error: i32 (the notification code), unique: u64 (0) },
+        // then fuse_notify_inval_inode_out { ino: u64, off: i64, len: i64 }.
+        const FUSE_NOTIFY_INVAL_INODE: i32 = 2;
+        let mut msg = [0u8; 40];
+        msg[0..4].copy_from_slice(&40u32.to_le_bytes());
+        msg[4..8].copy_from_slice(&FUSE_NOTIFY_INVAL_INODE.to_le_bytes());
+        msg[16..24].copy_from_slice(&ino.to_le_bytes());
+        msg[24..32].copy_from_slice(&(-1i64).to_le_bytes());
+        if let Err(e) = rustix::io::write(fd, &msg) {
+            tracing::debug!(ino, "attribute invalidation not sent: {e}");
+        }
     }
 
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {

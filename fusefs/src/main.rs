@@ -302,6 +302,10 @@ fn serve(
             format!("mounting {}: {e}", mountpoint.display()),
         )
     })?;
+    match session.as_fd().try_clone_to_owned() {
+        Ok(fd) => fs.set_notify_fd(fd),
+        Err(e) => warn!("no descriptor for notifications ({e}): attribute changes the kernel cannot see wait for the attribute timeout"),
+    }
     if let Some(rings) = rings.filter(|_| negotiated.load(std::sync::atomic::Ordering::SeqCst)) {
         let dispatcher = Arc::new(vaultfs::wire::Dispatcher {
             fs,

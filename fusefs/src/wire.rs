@@ -64,6 +64,7 @@ mod fattr {
     pub const FH: u32 = 1 << 6;
     pub const ATIME_NOW: u32 = 1 << 7;
     pub const MTIME_NOW: u32 = 1 << 8;
+    pub const LOCKOWNER: u32 = 1 << 9;
     /// A truncate by a caller without `CAP_FSETID` (`FUSE_HANDLE_KILLPRIV_V2`).
     pub const KILL_SUIDGID: u32 = 1 << 11;
 }
@@ -351,7 +352,10 @@ impl Dispatcher {
                 let gid = a.u32().ok_or_else(bad)?;
                 let has = |bit| valid & bit != 0;
                 let time = |set, now, s, n| has(set).then(|| (!has(now)).then(|| join_time(s, n)));
-                if has(fattr::KILL_SUIDGID) && has(fattr::SIZE) {
+                if (has(fattr::KILL_SUIDGID) && has(fattr::SIZE))
+                    || valid & !(fattr::FH | fattr::LOCKOWNER) == 0
+                {
+                    // The second: see `VaultFs::kill_suid_sgid` (a SETATTR without a field).
                     fs.kill_suid_sgid(ino, caller)?;
                 }
                 let at = fs.setattr(
