@@ -361,7 +361,40 @@ impl VaultFs {
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(en)
+        .map_err(|e| {
+            if matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
+                self.out_of_descriptors();
+            }
+            en(e)
+        })
+    }
+
+    /// Says once, in the log, that the descriptor limit stops lookups and creates: the daemon
+    /// holds one descriptor per inode the kernel caches (the limit is raised as far as allowed
+    /// at start; see CLI.md).
+    fn out_of_descriptors(&self) {
+        static SAID: AtomicBool = AtomicBool::new(false);
+        if !SAID.swap(true, Ordering::Relaxed) {
+            let cached = self.inodes.read().len();
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            warn!(
+                cached,
+                ?limit,
+                "out of file descriptors: lookups and creates fail with EMFILE until the kernel \
+                 forgets inodes (raise the limit, e.g. LimitNOFILE=, or drop caches)"
+            );
+        }
+    }
+
+    /// Removes the backing entry `bn` just made in `dir`, and its long-name side file, after a
+    /// later step of the create failed (no descriptor left for it, for instance), so that a
+    /// create that fails leaves nothing behind, as on ext4. `flags`: `REMOVEDIR` for a
+    /// directory.
+    fn undo_create(&self, dir: &Inode, bn: &BackingName, flags: AtFlags) {
+        if let Err(e) = rustix::fs::unlinkat(&dir.fd, bn.name(), flags) {
+            warn!("a failed create left its backing entry behind: {e}");
+        }
+        self.remove_long_side(dir, bn);
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
@@ -522,12 +555,30 @@ impl VaultFs {
             ),
             Err(e) => return Err(en(e)),
         };
-        if created {
-            // The kernel has already dropped a set-group-ID the caller may not have.
-            self.chown_new(&dir, file.as_fd(), caller, perm)?;
-        }
-        let attr = self.remember(self.open_child(&dir, bn.name())?)?;
-        let fh = self.open_inode(attr.ino, Some(file), flags)?;
+        let done = (|| {
+            if created {
+                // The kernel has already dropped a set-group-ID the caller may not have.
+                self.chown_new(&dir, file.as_fd(), caller, perm)?;
+            }
+            let attr = self.remember(self.open_child(&dir, bn.name())?)?;
+            match self.open_inode(attr.ino, Some(file), flags) {
+                Ok(fh) => Ok((attr, fh)),
+                Err(e) => {
+                    // The kernel never hears of this lookup.
+                    self.forget(attr.ino, 1);
+                    Err(e)
+                }
+            }
+        })();
+        let (attr, fh) = match done {
+            Ok(x) => x,
+            Err(e) => {
+                if created {
+                    self.undo_create(&dir, &bn, AtFlags::empty());
+                }
+                return Err(e);
+            }
+        };
         if flags & libc::O_TRUNC != 0 && attr.size > 0 {
             // An existing file was emptied: its times changed too.
             return Ok((self.getattr(attr.ino)?, fh));
@@ -938,7 +989,20 @@ impl VaultFs {
             let _ = rustix::fs::unlinkat(&dir.fd, tmp.as_str(), AtFlags::REMOVEDIR);
             return Err(e);
         }
-        self.remember(self.open_child(&dir, bn.name())?)
+        self.open_child(&dir, bn.name())
+            .and_then(|fd| self.remember(fd))
+            .inspect_err(|_| {
+                // Out of sight again first (the IV goes before the directory), then removed.
+                if rustix::fs::renameat(&dir.fd, bn.name(), &dir.fd, tmp.as_str()).is_ok() {
+                    let _ = rustix::fs::unlinkat(
+                        &dir.fd,
+                        format!("{tmp}/{DIRIV_FILE}").as_str(),
+                        AtFlags::empty(),
+                    );
+                    self.undo_create(&dir, &BackingName::Short(tmp.clone()), AtFlags::REMOVEDIR);
+                }
+                self.remove_long_side(&dir, &bn);
+            })
     }
 
     pub fn mknod(
@@ -969,9 +1033,12 @@ impl VaultFs {
             u64::from(rdev),
         )
         .map_err(en)?;
-        let fd = self.open_child(&dir, bn.name())?;
-        self.chown_new(&dir, fd.as_fd(), caller, mode & !umask & 0o7777)?;
-        self.remember(fd)
+        let made = (|| {
+            let fd = self.open_child(&dir, bn.name())?;
+            self.chown_new(&dir, fd.as_fd(), caller, mode & !umask & 0o7777)?;
+            self.remember(fd)
+        })();
+        made.inspect_err(|_| self.undo_create(&dir, &bn, AtFlags::empty()))
     }
 
     pub fn symlink(
@@ -991,9 +1058,12 @@ impl VaultFs {
         }
         self.write_long_side(&dir, &bn)?;
         rustix::fs::symlinkat(enc.as_str(), &dir.fd, bn.name()).map_err(en)?;
-        let fd = self.open_child(&dir, bn.name())?;
-        self.chown_new(&dir, fd.as_fd(), caller, 0)?;
-        self.remember(fd)
+        let made = (|| {
+            let fd = self.open_child(&dir, bn.name())?;
+            self.chown_new(&dir, fd.as_fd(), caller, 0)?;
+            self.remember(fd)
+        })();
+        made.inspect_err(|_| self.undo_create(&dir, &bn, AtFlags::empty()))
     }
 
     fn read_symlink_fd(&self, fd: BorrowedFd<'_>) -> FsResult<Vec<u8>> {

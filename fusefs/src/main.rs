@@ -225,15 +225,35 @@ fn harden_process() {
     {
         warn!("cannot disable core dumps: {e}");
     }
-    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    // Every inode the kernel caches holds one of our descriptors, and without one lookups and
+    // creates fail with EMFILE. With CAP_SYS_RESOURCE (root) the hard limit may go up to
+    // fs.nr_open; otherwise the soft limit goes up to the hard one.
+    let nofile = rustix::process::Resource::Nofile;
+    let wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
+    let lim = rustix::process::getrlimit(nofile);
     if let Some(max) = lim.maximum {
-        let _ = rustix::process::setrlimit(
-            rustix::process::Resource::Nofile,
-            rustix::process::Rlimit {
-                current: Some(max),
-                maximum: Some(max),
-            },
-        );
+        let raised = max < wanted
+            && rustix::process::setrlimit(
+                nofile,
+                rustix::process::Rlimit {
+                    current: Some(wanted),
+                    maximum: Some(wanted),
+                },
+            )
+            .is_ok();
+        if !raised {
+            let _ = rustix::process::setrlimit(
+                nofile,
+                rustix::process::Rlimit {
+                    current: Some(max),
+                    maximum: Some(max),
+                },
+            );
+        }
     }
     // Created objects get exactly the mode the caller asked for (the caller's umask is applied
     // by the kernel or by us).

@@ -104,7 +104,20 @@ impl Vault {
 
     /// Mounts (vaultfs returns once the mount is ready) with extra `-o` options.
     pub fn mount_with(&mut self, opts: &[&str]) {
-        let mut c = Command::new(bin("vaultfs"));
+        self.mount_under(&[], opts);
+    }
+
+    /// [`Vault::mount_with`], with vaultfs started by the command `wrapper` (e.g. `prlimit`
+    /// with its arguments; empty: directly).
+    pub fn mount_under(&mut self, wrapper: &[&str], opts: &[&str]) {
+        let mut c = match wrapper.split_first() {
+            Some((cmd, args)) => {
+                let mut c = Command::new(cmd);
+                c.args(args).arg(bin("vaultfs"));
+                c
+            }
+            None => Command::new(bin("vaultfs")),
+        };
         c.arg("--key-file")
             .arg(&self.key)
             .arg("--log-file")
