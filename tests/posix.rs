@@ -3454,3 +3454,25 @@ fn creates_failing_for_descriptors_leave_nothing_behind() {
     listed.sort();
     assert_eq!(listed, made, "the directory after a remount");
 }
+
+/// An ioctl vaultfs does not know gets what ext4 answers (`ENOTTY` for the terminal request
+/// every `isatty()` makes), and the log stays quiet about it.
+#[test]
+fn unknown_ioctls_as_on_ext4() {
+    if !common::require_fuse() {
+        return;
+    }
+    let mut e = Env::new("aes-256-gcm");
+    e.same("create", |r| put(&r.join("f"), b"x")).unwrap();
+    let tcgets = |r: &Path| {
+        let f = io(File::open(r.join("f")))?;
+        let mut t = [0u8; 128];
+        // SAFETY: TCGETS writes a struct termios (60 bytes) into the buffer, which is larger.
+        rc(unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, t.as_mut_ptr()) })
+    };
+    for _ in 0..3 {
+        assert_eq!(e.same("TCGETS", tcgets), Err(libc::ENOTTY));
+    }
+    let log = e.v.log_text();
+    assert!(!log.contains("Not Implemented"), "log: {log}");
+}

@@ -51,6 +51,7 @@ pub mod op {
     pub const FALLOCATE: u32 = 43;
     pub const READDIRPLUS: u32 = 44;
     pub const RENAME2: u32 = 45;
+    pub const IOCTL: u32 = 39;
 }
 
 /// `FATTR_*` bits of `fuse_setattr_in.valid`.
@@ -550,6 +551,8 @@ impl Dispatcher {
             // FLUSH, OPENDIR, ACCESS: ENOSYS stops the kernel from sending them (see the
             // adapter). Everything else (locks, ioctl, poll, lseek, copy_file_range, tmpfile...)
             // is left to the kernel or unsupported, as with fuser's defaults.
+            // What ext4 answers for an ioctl it does not know (see adapter.rs).
+            op::IOCTL => return Err(libc::ENOTTY),
             _ => return Err(libc::ENOSYS),
         }
         Ok(w.at)
