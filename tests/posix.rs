@@ -3462,7 +3462,7 @@ fn unknown_ioctls_as_on_ext4() {
     if !common::require_fuse() {
         return;
     }
-    let mut e = Env::new("aes-256-gcm");
+    let e = Env::new("aes-256-gcm");
     e.same("create", |r| put(&r.join("f"), b"x")).unwrap();
     let tcgets = |r: &Path| {
         let f = io(File::open(r.join("f")))?;
