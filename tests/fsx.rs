@@ -46,6 +46,7 @@ truncate = 3
 fsync = 1
 fdatasync = 1
 posix_fallocate = 1
+punch_hole = 1
 sendfile = 1
 copy_file_range = 1
 "#;

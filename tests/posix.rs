@@ -68,6 +68,7 @@ both_suites!(
     xattr_value_4000_bytes,
     fsync_fdatasync,
     fallocate_mode0,
+    fallocate_zeroing_modes,
     mmap_shared,
     concurrent_writers,
 );
@@ -2439,6 +2440,79 @@ fn fallocate_mode0(suite: &str) {
         write_at(&r.join("empty"), 4000, b"zz")
     })
     .unwrap();
+    e.same_tree("after fallocate");
+    e.remount();
+    e.same_tree("after remount");
+}
+
+/// `fallocate` with `PUNCH_HOLE | KEEP_SIZE`, `ZERO_RANGE` (with and without `KEEP_SIZE`)
+/// and `KEEP_SIZE` alone, against ext4: the same sizes and bytes, through the mount's cache
+/// and from disk after a remount; ranges inside blocks, across them, over the partial last
+/// block and past the end. Collapsing a range is refused as documented.
+fn fallocate_zeroing_modes(suite: &str) {
+    if !common::require_fuse() {
+        return;
+    }
+    let mut e = Env::new(suite);
+    let init: Vec<u8> = (0..5 * BS as u32 + 1000)
+        .map(|i| (i % 251 + 1) as u8)
+        .collect();
+    let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    let zero = FallocateFlags::ZERO_RANGE;
+    let zero_keep = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
+    let cases: &[(&str, FallocateFlags, u64, u64)] = &[
+        ("punch inside a block", punch, 100, 200),
+        ("punch across blocks", punch, 3000, 2 * BS + 500),
+        ("punch whole blocks", punch, BS, 2 * BS),
+        ("punch to the end", punch, 2 * BS + 7, 10 * BS),
+        ("punch past the end", punch, 9 * BS, BS),
+        ("zero range inside", zero, 5000, 3000),
+        ("zero range past the end", zero, 4 * BS + 10, 3 * BS),
+        ("zero range keep size", zero_keep, 3 * BS, 5 * BS),
+        ("keep size only", FallocateFlags::KEEP_SIZE, 2 * BS, 8 * BS),
+    ];
+    for &(name, mode, off, len) in cases {
+        let got = e.same(format!("fallocate {name}"), |r| {
+            let p = r.join(name);
+            put(&p, &init)?;
+            let f = io(OpenOptions::new().read(true).write(true).open(&p))?;
+            rx(rustix::fs::fallocate(&f, mode, off, len))?;
+            Ok((io(f.metadata())?.len(), read(&p)?))
+        });
+        let (size, data) = got.unwrap();
+        let keep = mode.contains(FallocateFlags::KEEP_SIZE);
+        let want_size = if keep {
+            init.len() as u64
+        } else {
+            (init.len() as u64).max(off + len)
+        };
+        assert_eq!(size, want_size, "{name}: size");
+        let zeroed = mode.intersects(FallocateFlags::PUNCH_HOLE | FallocateFlags::ZERO_RANGE);
+        for (i, &b) in data.iter().enumerate() {
+            let i = i as u64;
+            let want = if (zeroed && i >= off && i < off + len) || i >= init.len() as u64 {
+                0
+            } else {
+                init[i as usize]
+            };
+            assert_eq!(b, want, "{name}: byte {i}");
+        }
+    }
+    // ext4 collapses; vaultfs refuses (every later block would change its index).
+    let f = OpenOptions::new()
+        .write(true)
+        .open(e.v.p("keep size only"))
+        .unwrap();
+    assert_eq!(
+        rx(rustix::fs::fallocate(
+            &f,
+            FallocateFlags::COLLAPSE_RANGE,
+            0,
+            BS
+        )),
+        Err(libc::EOPNOTSUPP)
+    );
+    drop(f);
     e.same_tree("after fallocate");
     e.remount();
     e.same_tree("after remount");

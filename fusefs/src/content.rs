@@ -593,6 +593,54 @@ impl Content {
         Ok(data.len())
     }
 
+    /// Makes plaintext `[off, off + len)` read as zeros, within the current size (which does
+    /// not change): `fallocate` with `PUNCH_HOLE` or `ZERO_RANGE`. Whole blocks become holes:
+    /// their on-disk bytes are punched out of the backing file (all-zero on-disk blocks read as
+    /// zeros, FORMAT.md), or written as zeros where the backing file system cannot punch. Partial
+    /// blocks at the edges, and a partial last block of the file, which is never a hole, are
+    /// rewritten as ciphertext of zeros.
+    pub fn zero_range(&mut self, off: u64, len: u64) -> Result<()> {
+        let end = off.saturating_add(len).min(self.size);
+        if off >= end {
+            return Ok(());
+        }
+        // Whole blocks [a, b): inside the range, each a full 4096 bytes (b * BS <= end <= size).
+        let (a, b) = (off.div_ceil(BS), end / BS);
+        if a >= b {
+            return self
+                .write(off, &vec![0u8; (end - off) as usize])
+                .map(|_| ());
+        }
+        if off < a * BS {
+            self.write(off, &vec![0u8; (a * BS - off) as usize])?;
+        }
+        if b * BS < end {
+            self.write(b * BS, &vec![0u8; (end - b * BS) as usize])?;
+        }
+        let from = self.layout.block_offset(a);
+        let to = self.layout.block_offset(b);
+        let punched = rustix::fs::fallocate(
+            &self.fd,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            from,
+            to - from,
+        );
+        match punched {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                let zeros = vec![0u8; 1 << 20];
+                let mut at = from;
+                while at < to {
+                    let n = (to - at).min(zeros.len() as u64) as usize;
+                    pwrite_all(&self.fd, &zeros[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Runs `write` (which writes the blocks of plaintext `[off, end)`) with the bookkeeping
     /// around it: a partial last block the write grows past is completed first; if the write
     /// fails after the file would have grown, the backing file is put back
@@ -977,6 +1025,62 @@ mod tests {
         let c2 = Content::open(fd, CipherSuite::Aes256Gcm, key).unwrap();
         assert_eq!(c2.size(), 10 * BS + 8);
         assert_eq!(c2.read(10 * BS, 8).unwrap(), b"\0\0\0\0\0end");
+    }
+
+    /// `zero_range` against a model, both suites: whole blocks in the range become holes on
+    /// disk (all-zero on-disk blocks, punched out of the backing file), the edges and a partial
+    /// last block are rewritten as real ciphertext, the size never changes, and a reopen reads
+    /// the same.
+    #[test]
+    fn zero_range_punches_whole_blocks_and_rewrites_edges() {
+        for suite in [CipherSuite::Aes256Gcm, CipherSuite::Aes256Xts] {
+            let (d, mut c) = new_content(suite);
+            let mut rnd = xorshift(0x5eed_0f_a11);
+            let mut model: Vec<u8> = (0..6 * BS + 777).map(|_| rnd(255) as u8 + 1).collect();
+            c.write(0, &model).unwrap();
+            for (off, len) in [
+                (10, 20),
+                (BS - 5, 10),
+                (BS, 2 * BS),
+                (3 * BS + 1, 2 * BS),
+                (5 * BS + 3, 10 * BS),
+                (50 * BS, BS),
+            ] {
+                c.zero_range(off, len).unwrap();
+                let end = ((off + len) as usize).min(model.len());
+                if (off as usize) < end {
+                    model[off as usize..end].fill(0);
+                }
+                assert_eq!(c.size(), model.len() as u64, "{suite:?} {off}+{len}: size");
+                assert_eq!(
+                    c.read(0, model.len()).unwrap(),
+                    model,
+                    "{suite:?} {off}+{len}"
+                );
+            }
+            let layout = Layout::new(suite.overhead());
+            let disk = std::fs::read(d.path().join("f")).unwrap();
+            let on_disk = |b: u64| {
+                let at = layout.block_offset(b) as usize;
+                &disk[at..(at + layout.disk_block() as usize).min(disk.len())]
+            };
+            for b in [1, 2] {
+                assert!(
+                    on_disk(b).iter().all(|&x| x == 0),
+                    "{suite:?}: block {b} is not a hole"
+                );
+            }
+            // The partial last block, zeroed, is still ciphertext (never a hole).
+            assert!(on_disk(6).iter().any(|&x| x != 0), "{suite:?}: last block");
+            let fd = rustix::fs::open(d.path().join("f"), OFlags::RDWR, Mode::empty()).unwrap();
+            let key = Arc::clone(&c.contents_key);
+            let c2 = Content::open(fd, suite, key).unwrap();
+            assert_eq!(
+                c2.read(0, model.len() + 5).unwrap(),
+                model,
+                "{suite:?}: reopened"
+            );
+        }
     }
 
     #[test]

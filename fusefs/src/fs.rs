@@ -803,16 +803,35 @@ impl VaultFs {
         }
     }
 
+    /// `fallocate`: mode 0 and `KEEP_SIZE` reserve space (0 also extends the file);
+    /// `PUNCH_HOLE | KEEP_SIZE` and `ZERO_RANGE` (with or without `KEEP_SIZE`) make the range
+    /// read as zeros ([`Content::zero_range`]), `ZERO_RANGE` without `KEEP_SIZE` extending the
+    /// file as mode 0 does. Collapsing and inserting ranges would move every later block to
+    /// another index, which the format binds into each block's authentication: `EOPNOTSUPP`.
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
         self.check_writable()?;
-        if mode != 0 {
-            return Err(libc::EOPNOTSUPP);
-        }
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let zero = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => false,
+            libc::FALLOC_FL_PUNCH_HOLE if keep => true,
+            libc::FALLOC_FL_ZERO_RANGE => true,
+            _ => return Err(libc::EOPNOTSUPP),
+        };
         let (_, c) = self.file_content(fh)?;
         let mut c = c.write();
         let end = off.checked_add(len).ok_or(libc::EFBIG)?;
-        if end > c.size() {
+        if end > crate::content::MAX_FILE_SIZE {
+            return Err(libc::EFBIG);
+        }
+        if zero {
+            // The part within the file; what lies beyond it reads as zeros anyway.
+            c.zero_range(off, len).map_err(ce)?;
+        }
+        if end > c.size() && !keep {
             c.truncate(end).map_err(ce)?;
+        }
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            return Ok(());
         }
         // Reserve the backing blocks too, so later writes in the range do not hit ENOSPC.
         let from = self.layout.block_offset(off / 4096);

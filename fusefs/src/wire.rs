@@ -548,11 +548,11 @@ impl Dispatcher {
             }
             // Sent once at unmount; the process ends when /dev/fuse reports the unmount.
             op::DESTROY | op::RELEASEDIR => {}
-            // FLUSH, OPENDIR, ACCESS: ENOSYS stops the kernel from sending them (see the
-            // adapter). Everything else (locks, ioctl, poll, lseek, copy_file_range, tmpfile...)
-            // is left to the kernel or unsupported, as with fuser's defaults.
             // What ext4 answers for an ioctl it does not know (see adapter.rs).
             op::IOCTL => return Err(libc::ENOTTY),
+            // FLUSH, OPENDIR, ACCESS: ENOSYS stops the kernel from sending them (see the
+            // adapter). Everything else (locks, poll, lseek, copy_file_range, tmpfile...) is
+            // left to the kernel or unsupported, as the adapter answers over /dev/fuse.
             _ => return Err(libc::ENOSYS),
         }
         Ok(w.at)
