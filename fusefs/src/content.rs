@@ -1035,7 +1035,7 @@ mod tests {
     fn zero_range_punches_whole_blocks_and_rewrites_edges() {
         for suite in [CipherSuite::Aes256Gcm, CipherSuite::Aes256Xts] {
             let (d, mut c) = new_content(suite);
-            let mut rnd = xorshift(0x5eed_0f_a11);
+            let mut rnd = xorshift(0x05ee_d0fa_1100);
             let mut model: Vec<u8> = (0..6 * BS + 777).map(|_| rnd(255) as u8 + 1).collect();
             c.write(0, &model).unwrap();
             for (off, len) in [
