@@ -3474,40 +3474,32 @@ fn creates_failing_for_descriptors_leave_nothing_behind() {
     let d = v.p("many");
     fs::create_dir(&d).unwrap();
     let mut made: Vec<OsString> = Vec::new();
-    let mut failed = false;
-    for i in 0..500 {
-        let name = OsString::from(format!("f{i:04}"));
-        match File::create(d.join(&name)) {
-            Ok(_) => made.push(name),
-            Err(e) => {
-                assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "create {i}: {e}");
-                failed = true;
-                break;
+    // Makes `prefix0`, `prefix1`... with `make` until one fails, which must be with EMFILE;
+    // whether one failed within `tries`.
+    let mut until_emfile =
+        |prefix: &str, tries: usize, make: &dyn Fn(&Path) -> std::io::Result<()>| {
+            for i in 0..tries {
+                let name = OsString::from(format!("{prefix}{i:04}"));
+                match make(&d.join(&name)) {
+                    Ok(()) => made.push(name),
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "{prefix} {i}: {e}");
+                        return true;
+                    }
+                }
             }
-        }
-    }
+            false
+        };
     assert!(
-        failed,
+        until_emfile("f", 500, &|p| File::create(p).map(drop)),
         "500 creates under a limit of 150 descriptors all succeeded"
     );
-    assert!(made.len() > 50, "only {} creates succeeded", made.len());
     // A create needs two descriptors, a symlink one: the failed create may have left one.
-    let mut link_failed = false;
-    for i in 0..3 {
-        let name = OsString::from(format!("l{i}"));
-        match std::os::unix::fs::symlink("target", d.join(&name)) {
-            Ok(()) => made.push(name),
-            Err(e) => {
-                assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "symlink {i}: {e}");
-                link_failed = true;
-                break;
-            }
-        }
-    }
     assert!(
-        link_failed,
+        until_emfile("l", 3, &|p| std::os::unix::fs::symlink("target", p)),
         "three symlinks made after a create failed with EMFILE"
     );
+    assert!(made.len() > 50, "only {} creates succeeded", made.len());
     assert_eq!(
         fs::create_dir(d.join("dir")).map_err(|e| e.raw_os_error()),
         Err(Some(libc::EMFILE)),
