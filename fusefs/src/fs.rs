@@ -12,7 +12,7 @@ use std::ffi::{CStr, OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::SystemTime;
 use tracing::{error, warn};
 use vaultfs_core::crypto::{aead_open, aead_seal};
@@ -133,8 +133,9 @@ struct Inode {
     /// A listing of its parent queued it for read-ahead: it is being walked, so a listing of
     /// it reads two levels ahead (see `queue_read_ahead`).
     read_ahead_queued: AtomicBool,
-    /// Open content state, shared by every handle of this inode.
-    content: Mutex<Option<(usize, Arc<RwLock<Content>>)>>,
+    /// Content state of a regular file, while anyone holds it (handles, running requests):
+    /// see `VaultFs::content_with`.
+    content: Mutex<Weak<RwLock<Content>>>,
 }
 
 impl Inode {
@@ -240,7 +241,7 @@ impl VaultFs {
             nlookup: AtomicU64::new(1),
             diriv: OnceLock::new(),
             read_ahead_queued: AtomicBool::new(false),
-            content: Mutex::new(None),
+            content: Mutex::new(Weak::new()),
         });
         // Fail at mount, not at first use, if the root directory IV is missing.
         fs.diriv(&root).map_err(std::io::Error::from_raw_os_error)?;
@@ -325,7 +326,8 @@ impl VaultFs {
     fn attr_with_content(&self, inode: &Inode, st: &Stat) -> Attr {
         let mut a = self.attr_of(st);
         // An open file's size is the one its content state keeps.
-        if let Some((_, c)) = inode.content.lock().as_ref() {
+        let live = inode.content.lock().upgrade();
+        if let Some(c) = live {
             a.size = c.read().size();
         }
         a
@@ -345,7 +347,7 @@ impl VaultFs {
                 nlookup: AtomicU64::new(0),
                 diriv: OnceLock::new(),
                 read_ahead_queued: AtomicBool::new(false),
-                content: Mutex::new(None),
+                content: Mutex::new(Weak::new()),
             })
         });
         inode.nlookup.fetch_add(1, Ordering::Relaxed);
@@ -359,6 +361,22 @@ impl VaultFs {
             &dir.fd,
             bn,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            if matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
+                self.out_of_descriptors();
+            }
+            en(e)
+        })
+    }
+
+    /// An `O_PATH` descriptor of the object `fd` refers to (through its /proc link, so it is
+    /// that object whatever its names have become).
+    fn path_fd(&self, fd: BorrowedFd<'_>) -> FsResult<OwnedFd> {
+        rustix::fs::open(
+            format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(),
+            OFlags::PATH | OFlags::CLOEXEC,
             Mode::empty(),
         )
         .map_err(|e| {
@@ -560,7 +578,10 @@ impl VaultFs {
                 // The kernel has already dropped a set-group-ID the caller may not have.
                 self.chown_new(&dir, file.as_fd(), caller, perm)?;
             }
-            let attr = self.remember(self.open_child(&dir, bn.name())?)?;
+            // The inode is the one `file` opened, not whatever the name holds by now: another
+            // rename may have put a different file there meanwhile, whose content state would
+            // then be built on this file's descriptor.
+            let attr = self.remember(self.path_fd(file.as_fd())?)?;
             match self.open_inode(attr.ino, Some(file), flags) {
                 Ok(fh) => Ok((attr, fh)),
                 Err(e) => {
@@ -586,46 +607,51 @@ impl VaultFs {
         Ok((attr, fh))
     }
 
+    /// The content state of the regular file `inode`: the one its handles and running requests
+    /// share, or a new one (on `already`, a read-write descriptor of it, if given) when nobody
+    /// holds it. There is never more than one per inode: each keeps its own lock, size and
+    /// cipher, so two would undo each other's truncates and seal blocks under a header the
+    /// other has replaced.
+    fn content_with(
+        &self,
+        inode: &Inode,
+        already: Option<OwnedFd>,
+    ) -> FsResult<Arc<RwLock<Content>>> {
+        let mut slot = inode.content.lock();
+        if let Some(c) = slot.upgrade() {
+            return Ok(c);
+        }
+        let fd = match already {
+            Some(fd) => fd,
+            None => {
+                let rw = if self.opts.read_only {
+                    OFlags::RDONLY
+                } else {
+                    OFlags::RDWR
+                };
+                rustix::fs::open(
+                    inode.proc_path().as_str(),
+                    rw | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(en)?
+            }
+        };
+        let c = Content::open(fd, self.suite, Arc::clone(&self.contents)).map_err(|e| {
+            error!(ino = inode.ino, "cannot open file contents: {e}");
+            ce(e)
+        })?;
+        let c = Arc::new(RwLock::new(c));
+        *slot = Arc::downgrade(&c);
+        Ok(c)
+    }
+
     fn open_inode(&self, ino: u64, already: Option<OwnedFd>, flags: i32) -> FsResult<u64> {
         let inode = self.inode(ino)?;
         if inode.kind != Kind::File {
             return Err(libc::EINVAL);
         }
-        let content = {
-            let mut slot = inode.content.lock();
-            match slot.as_mut() {
-                Some((n, c)) => {
-                    *n += 1;
-                    Arc::clone(c)
-                }
-                None => {
-                    let fd = match already {
-                        Some(fd) => fd,
-                        None => {
-                            let rw = if self.opts.read_only {
-                                OFlags::RDONLY
-                            } else {
-                                OFlags::RDWR
-                            };
-                            rustix::fs::open(
-                                inode.proc_path().as_str(),
-                                rw | OFlags::CLOEXEC,
-                                Mode::empty(),
-                            )
-                            .map_err(en)?
-                        }
-                    };
-                    let c =
-                        Content::open(fd, self.suite, Arc::clone(&self.contents)).map_err(|e| {
-                            error!(ino, "cannot open file contents: {e}");
-                            ce(e)
-                        })?;
-                    let c = Arc::new(RwLock::new(c));
-                    *slot = Some((1, Arc::clone(&c)));
-                    c
-                }
-            }
-        };
+        let content = self.content_with(&inode, already)?;
         if flags & libc::O_TRUNC != 0 && !self.opts.read_only {
             content.write().truncate(0).map_err(ce)?;
         }
@@ -780,17 +806,10 @@ impl VaultFs {
     }
 
     pub fn release(&self, fh: u64) {
+        // The file's content state goes with the last of its holders (handles, and requests
+        // still running), not with the last handle: see `VaultFs::content_with`.
         let h = self.handles.write().remove(&fh);
-        if let Some(h) = h {
-            let Handle::File { inode, .. } = &*h;
-            let mut slot = inode.content.lock();
-            if let Some((n, _)) = slot.as_mut() {
-                *n -= 1;
-                if *n == 0 {
-                    *slot = None;
-                }
-            }
-        }
+        drop(h);
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
@@ -883,24 +902,13 @@ impl VaultFs {
             if inode.kind != Kind::File {
                 return Err(libc::EISDIR);
             }
-            let content = match fh.and_then(|f| self.file_content(f).ok()) {
-                Some((_, c)) => Some(c),
-                None => inode.content.lock().as_ref().map(|(_, c)| Arc::clone(c)),
+            let c = match fh.and_then(|f| self.file_content(f).ok()) {
+                Some((_, c)) => c,
+                // Not open through that handle: the file's one content state, made here if
+                // nobody holds it, and shared with any open meanwhile.
+                None => self.content_with(&inode, None)?,
             };
-            match content {
-                Some(c) => c.write().truncate(sz).map_err(ce)?,
-                None => {
-                    let fd = rustix::fs::open(
-                        inode.proc_path().as_str(),
-                        OFlags::RDWR | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(en)?;
-                    let mut c =
-                        Content::open(fd, self.suite, Arc::clone(&self.contents)).map_err(ce)?;
-                    c.truncate(sz).map_err(ce)?;
-                }
-            }
+            c.write().truncate(sz).map_err(ce)?;
         }
         if atime.is_some() || mtime.is_some() {
             let conv = |t: Option<Option<SystemTime>>| -> rustix::fs::Timespec {
@@ -997,18 +1005,23 @@ impl VaultFs {
                 bn.name(),
                 RenameFlags::NOREPLACE,
             )
-            .map_err(en)
+            .map_err(en)?;
+            Ok(nd)
         })();
-        if let Err(e) = result {
-            let _ = rustix::fs::unlinkat(
-                &dir.fd,
-                format!("{tmp}/{DIRIV_FILE}").as_str(),
-                AtFlags::empty(),
-            );
-            let _ = rustix::fs::unlinkat(&dir.fd, tmp.as_str(), AtFlags::REMOVEDIR);
-            return Err(e);
-        }
-        self.open_child(&dir, bn.name())
+        let nd = match result {
+            Ok(nd) => nd,
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(
+                    &dir.fd,
+                    format!("{tmp}/{DIRIV_FILE}").as_str(),
+                    AtFlags::empty(),
+                );
+                let _ = rustix::fs::unlinkat(&dir.fd, tmp.as_str(), AtFlags::REMOVEDIR);
+                return Err(e);
+            }
+        };
+        // The directory made here, whatever its name holds by now.
+        self.path_fd(nd.as_fd())
             .and_then(|fd| self.remember(fd))
             .inspect_err(|_| {
                 // Out of sight again first (the IV goes before the directory), then removed.
