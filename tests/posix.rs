@@ -2729,7 +2729,13 @@ fn race_op(rnd: &mut impl FnMut(u64) -> u64, a: &Path, b: &Path) -> Result<(), S
     let what = rnd(5);
     let r: std::io::Result<()> = (|| {
         match what {
-            0 => drop(OpenOptions::new().write(true).create(true).open(a)?),
+            0 => drop(
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(a)?,
+            ),
             1 => {
                 let f = OpenOptions::new().write(true).open(a)?;
                 let len = 1 + rnd(20000) as usize;
