@@ -3357,6 +3357,9 @@ fn full_disk_keeps_stored_data() {
     write_synced("a", 0, &a).unwrap();
     write_synced("b", 0, &b).unwrap();
     write_synced("c", 0, &c).unwrap();
+    // A sparse file (all holes), and a few pages to free once the disk is full.
+    File::create(v.p("s")).unwrap().set_len(4 << 20).unwrap();
+    write_synced("pad", 0, &pattern(6, 32 << 10)).unwrap();
     // Fill the disk.
     let chunk = pattern(4, 256 << 10);
     let mut full = None;
@@ -3411,6 +3414,52 @@ fn full_disk_keeps_stored_data() {
     };
     v.remount();
     check("after the disk filled");
+    // A few pages free: a write into the sparse file's holes, which needs more than that, fails
+    // as a whole instead of stopping part way through a block (a block half written would
+    // never authenticate again).
+    fs::remove_file(v.p("pad")).unwrap();
+    v.remount();
+    let into_hole = pattern(7, 64 << 10);
+    let r = write_synced("s", 1 << 20, &into_hole);
+    assert_eq!(
+        r.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOSPC)),
+        "writing into holes on a nearly full disk: {r:?}"
+    );
+    v.remount();
+    let got = read(&v.p("s")).expect("the sparse file reads after a failed write into it");
+    assert_eq!(got.len(), 4 << 20);
+    for (i, blk) in got[1 << 20..(1 << 20) + into_hole.len()]
+        .chunks(4096)
+        .enumerate()
+    {
+        assert!(
+            blk.iter().all(|&c| c == 0) || blk == &into_hole[i * 4096..(i + 1) * 4096],
+            "block {i} of the failed write is neither zeros nor the data written"
+        );
+    }
+    // The same for a write into a gap that a write past the end left (as when the requests of
+    // a stream commit out of order): undone by punching its blocks out again.
+    {
+        let f = File::create(v.p("g")).unwrap();
+        f.write_all_at(b"end", 1 << 20).unwrap();
+        f.sync_all().unwrap();
+        let r = f.write_all_at(&into_hole, 0).and_then(|_| f.sync_all());
+        assert_eq!(
+            r.as_ref().map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENOSPC)),
+            "writing into a gap on a nearly full disk: {r:?}"
+        );
+    }
+    v.remount();
+    let got = read(&v.p("g")).expect("a file reads after a failed write into its gap");
+    assert_eq!(got.len(), (1 << 20) + 3);
+    for (i, blk) in got[..into_hole.len()].chunks(4096).enumerate() {
+        assert!(
+            blk.iter().all(|&c| c == 0) || blk == &into_hole[i * 4096..(i + 1) * 4096],
+            "block {i} of the failed write into a gap is neither zeros nor the data written"
+        );
+    }
     // Free the space: writing works again. (The space of a deleted file returns once the kernel
     // forgets the inode and vaultfs closes its descriptor, which happens asynchronously; the
     // remount settles it.)

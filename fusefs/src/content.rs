@@ -91,7 +91,20 @@ pub struct Content {
     /// Read-around windows already requested (bit per window), allocated at the first
     /// non-sequential request.
     around: Mutex<Vec<u64>>,
+    /// The backing file may have holes (unallocated ranges) inside it: sparse when opened, or
+    /// made so since (a write or truncate past the end, a punched range). A write into a hole
+    /// needs new space, so a full disk can stop it part way through a block, leaving a block
+    /// that no longer authenticates; such writes reserve their range first
+    /// ([`Content::reserve`]).
+    holes: bool,
+    /// Block ranges `[a, b)` known to be holes: skipped by a write that began past the end of
+    /// the file, and not written since. At most [`MAX_GAPS`]; beyond that `holes` is set.
+    gaps: Vec<(u64, u64)>,
 }
+
+/// Gaps tracked one by one (see [`Content::gaps`]): a stream's requests that commit out of order
+/// leave a few at a time.
+const MAX_GAPS: usize = 32;
 
 thread_local! {
     /// Per-thread buffer for on-disk (ciphertext) bytes, reused across requests so that no
@@ -268,8 +281,11 @@ impl Content {
     /// Wraps an open backing file (read-write, or read-only for a read-only mount).
     pub fn open(fd: OwnedFd, suite: CipherSuite, contents_key: Arc<SecretKey<32>>) -> Result<Self> {
         let layout = Layout::new(suite.overhead());
-        let len = rustix::fs::fstat(&fd)?.st_size as u64;
+        let st = rustix::fs::fstat(&fd)?;
+        let len = st.st_size as u64;
         let size = layout.plain_size_lossy(len);
+        // Fewer bytes allocated than the length: there are holes (delayed allocations count).
+        let holes = (st.st_blocks as u64).saturating_mul(512) < len;
         let mut c = Content {
             fd,
             suite,
@@ -283,6 +299,8 @@ impl Content {
             writeback_from: None,
             dropped_from: None,
             around: Mutex::new(Vec::new()),
+            holes,
+            gaps: Vec::new(),
         };
         if len > 0 {
             c.load_header()?;
@@ -549,8 +567,54 @@ impl Content {
         }
     }
 
+    /// After a write into a gap failed part way: makes backing bytes `[off, off + len)` holes
+    /// again, as they were, rather than leave a block half written (which would never
+    /// authenticate). Punching frees space, so it works on a full disk.
+    fn punch_back(&self, off: u64, len: u64) {
+        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        if let Err(e) = rustix::fs::fallocate(&self.fd, flags, off, len) {
+            tracing::warn!(
+                "a failed write may have left a block unreadable: cannot punch it out: {e}"
+            );
+        }
+    }
+
+    /// Blocks `[a, b)` have been written: they are no longer gaps.
+    fn fill_gaps(&mut self, a: u64, b: u64) {
+        let mut kept = Vec::with_capacity(self.gaps.len() + 1);
+        for &(ga, gb) in &self.gaps {
+            if gb <= a || b <= ga {
+                kept.push((ga, gb));
+                continue;
+            }
+            if ga < a {
+                kept.push((ga, a));
+            }
+            if b < gb {
+                kept.push((b, gb));
+            }
+        }
+        self.gaps = kept;
+    }
+
+    /// Allocates backing bytes `[off, off + len)` (without changing the file's length) before
+    /// they are written where they may not be allocated yet, so that a full disk fails the
+    /// write before anything is written instead of part way through a block, which would leave
+    /// the block unreadable for good. A backing file system that cannot allocate ahead
+    /// (`EOPNOTSUPP`) is written without.
+    fn reserve(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match rustix::fs::fallocate(&self.fd, rustix::fs::FallocateFlags::KEEP_SIZE, off, len) {
+            Ok(()) | Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Re-encrypts block `index` (currently `old_len` bytes long) with length `new_len`, zero-
-    /// padding when it grows. Used where the file's end moves.
+    /// padding when it grows (its new bytes reserved first, see [`Content::reserve`]). Used where
+    /// the file's end moves.
     fn resize_block(&mut self, index: u64, old_len: usize, new_len: usize) -> Result<()> {
         let mut plain = if old_len > 0 {
             self.read_blocks(index, old_len)?
@@ -558,11 +622,15 @@ impl Content {
             Vec::new()
         };
         plain.resize(new_len, 0);
+        let at = self.layout.block_offset(index);
+        if new_len > old_len {
+            self.reserve(at, (new_len + self.layout.overhead()) as u64)?;
+        }
         let mut disk = vec![0u8; new_len + self.layout.overhead()];
         self.cipher()?
             .seal(index, &plain, &mut disk)
             .map_err(|e| ContentError::Corrupt(e.to_string()))?;
-        pwrite_all(&self.fd, &disk, self.layout.block_offset(index))
+        pwrite_all(&self.fd, &disk, at)
     }
 
     /// Makes the current last block, if partial, a full block, ahead of growth past it.
@@ -625,6 +693,7 @@ impl Content {
             from,
             to - from,
         );
+        self.holes = true;
         match punched {
             Ok(()) => Ok(()),
             Err(rustix::io::Errno::OPNOTSUPP) => {
@@ -654,20 +723,45 @@ impl Content {
     ) -> Result<()> {
         let (first, last) = (blocks::block_of(off), blocks::block_of(end - 1));
         let old_size = self.size;
+        let new_size = old_size.max(end);
+        let backing_end = self.layout.block_offset(last)
+            + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
+        let from = self.layout.block_offset(first);
+        // A write inside a gap (the usual case: the earlier request of a stream, committed after
+        // a later one) is undone on failure by punching its blocks back out. One that may
+        // otherwise land in a hole reserves its space first. (Past the old end a failure is
+        // undone by cutting the file back; see `undo_growth`.)
+        let in_gap = self.gaps.iter().any(|&(a, b)| a <= first && last < b);
+        let touches_gap = self.gaps.iter().any(|&(a, b)| first < b && a <= last);
+        if !in_gap && (touches_gap || (self.holes && off < old_size)) {
+            self.reserve(from, backing_end - from)?;
+        }
         let filled = !old_size.is_multiple_of(BS) && first > old_size / BS;
         if filled {
             self.fill_tail_block()?;
         }
-        let new_size = old_size.max(end);
         if let Err(e) = write(self) {
+            if in_gap {
+                self.punch_back(from, backing_end - from);
+            }
             if new_size > old_size {
                 self.undo_growth(old_size, filled);
             }
             return Err(e);
         }
         self.size = new_size;
-        let backing_end = self.layout.block_offset(last)
-            + (self.layout.block_len(last, new_size) + self.layout.overhead()) as u64;
+        if touches_gap {
+            self.fill_gaps(first, last + 1);
+        }
+        let old_blocks = old_size.div_ceil(BS);
+        if first > old_blocks {
+            // Blocks between the old end and this write were never written: holes.
+            self.gaps.push((old_blocks, first));
+            if self.gaps.len() > MAX_GAPS {
+                self.gaps.clear();
+                self.holes = true;
+            }
+        }
         self.note_write(off, end, backing_end, reordered);
         Ok(())
     }
@@ -826,20 +920,43 @@ impl Content {
             }
         } else {
             let old_last = old.div_ceil(BS); // blocks holding data before
+            let tail = (new_size % BS) as usize;
+            let tail_idx = new_size / BS;
+            let new_tail = tail != 0 && tail_idx >= old_last;
+            let oh = self.layout.overhead() as u64;
+            // Both blocks written below get their space first, so that a full disk fails the
+            // truncate before either is written (a grown old tail block without the new length
+            // would no longer authenticate).
+            if !old.is_multiple_of(BS) {
+                let idx = old / BS;
+                let new_len = self.layout.block_len(idx, new_size) as u64;
+                self.reserve(self.layout.block_offset(idx), new_len + oh)?;
+            }
+            if new_tail {
+                self.reserve(self.layout.block_offset(tail_idx), tail as u64 + oh)?;
+            }
             if !old.is_multiple_of(BS) {
                 let idx = old / BS;
                 let new_len = self.layout.block_len(idx, new_size);
                 self.resize_block(idx, (old % BS) as usize, new_len)?;
             }
-            let tail = (new_size % BS) as usize;
-            let tail_idx = new_size / BS;
-            if tail != 0 && tail_idx >= old_last {
+            if new_tail {
                 // A new partial last block is written as real ciphertext of zeros.
                 self.resize_block(tail_idx, 0, tail)?;
+            }
+            if new_size.div_ceil(BS) > old_last {
+                self.holes = true;
             }
         }
         rustix::fs::ftruncate(&self.fd, self.layout.backing_size(new_size))?;
         self.size = new_size;
+        if self.gaps.iter().any(|&(a, _)| a < new_size.div_ceil(BS)) {
+            self.holes = true;
+        }
+        self.gaps.clear();
+        if new_size == 0 {
+            self.holes = false;
+        }
         Ok(())
     }
 }
