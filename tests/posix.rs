@@ -63,6 +63,7 @@ both_suites!(
     mkdir_rmdir,
     long_names,
     chmod_chown_utimens,
+    access_and_change_times_as_on_ext4,
     xattrs,
     #[ignore = "vaultfs limit on ext4: the sealed value (+28 bytes) and its longer encrypted name no longer fit ext4's one xattr block, ENOSPC from about 3970 bytes"]
     xattr_value_4000_bytes,
@@ -1506,6 +1507,109 @@ fn set_times(p: &Path, atime: Timespec, mtime: Timespec, flags: AtFlags) -> R<()
 fn times(p: &Path) -> R<Times> {
     let m = io(fs::symlink_metadata(p))?;
     Ok((m.atime(), m.atime_nsec(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Waits until the file systems' clock (the coarse one that stamps inodes) has moved on, so
+/// that a time set after this differs from one set before.
+fn next_clock_tick() {
+    let now = || {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and a valid out pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut t) };
+        (t.tv_sec, t.tv_nsec)
+    };
+    let t0 = now();
+    while now() == t0 {
+        std::hint::spin_loop();
+    }
+}
+
+fn ctime(p: &Path) -> (i64, i64) {
+    let m = fs::symlink_metadata(p).unwrap();
+    (m.ctime(), m.ctime_nsec())
+}
+
+/// Access, modification and change times as ext4 keeps them (relatime), with and without the
+/// writeback cache: writes (even partial pages, which the daemon must read back to rewrite their
+/// block) leave the access time alone, so an appended mailbox still shows unread mail; a read
+/// sets it and leaves the change time alone; a truncate to the same size and a chown to -1, -1
+/// still move the change time (and the truncate the modification time).
+fn access_and_change_times_as_on_ext4(suite: &str) {
+    if !common::require_fuse() {
+        return;
+    }
+    for opts in [&[][..], &["nowriteback"][..]] {
+        let mut v = Vault::create(suite);
+        v.mount_with(opts);
+        let p = v.p("mbox");
+        put(&p, b"From a\n").unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        // Read an hour ago, modified before that.
+        let (read_at, changed_at) = (now - 3600, now - 7200);
+        set_times(&p, ts(read_at, 0), ts(changed_at, 0), AtFlags::empty()).unwrap();
+        for mail in [&b"From b\n"[..], b"From c\n"] {
+            let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+            f.write_all(mail).unwrap();
+            f.sync_all().unwrap();
+        }
+        let (a, an, m, _) = times(&p).unwrap();
+        assert_eq!(
+            (a, an),
+            (read_at, 0),
+            "{opts:?}: appends moved the access time"
+        );
+        assert!(
+            m >= now,
+            "{opts:?}: appends left the modification time at {m}"
+        );
+        let c0 = ctime(&p);
+        next_clock_tick();
+        assert_eq!(read(&p).unwrap(), b"From a\nFrom b\nFrom c\n");
+        let (a, _, m, _) = times(&p).unwrap();
+        assert!(
+            a >= m,
+            "{opts:?}: a read left the access time at {a}, before {m}"
+        );
+        assert_eq!(ctime(&p), c0, "{opts:?}: a read moved the change time");
+        // A second read, with nothing changed since the first, leaves it (relatime).
+        let first = times(&p).unwrap();
+        next_clock_tick();
+        read(&p).unwrap();
+        assert_eq!(times(&p).unwrap(), first, "{opts:?}: relatime");
+
+        // chown to -1, -1 changes nothing but the change time.
+        let c0 = ctime(&p);
+        next_clock_tick();
+        rustix::fs::chown(&p, None, None).unwrap();
+        assert!(ctime(&p) > c0, "{opts:?}: chown -1 -1 left the change time");
+        // ftruncate to the same size.
+        set_times(&p, ts(read_at, 0), ts(changed_at, 0), AtFlags::empty()).unwrap();
+        let c0 = ctime(&p);
+        next_clock_tick();
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(21)
+            .unwrap();
+        let (a, _, m, _) = times(&p).unwrap();
+        assert!(
+            m >= now,
+            "{opts:?}: ftruncate to the same size left mtime at {m}"
+        );
+        assert!(
+            ctime(&p) > c0,
+            "{opts:?}: ftruncate to the same size left the ctime"
+        );
+        assert_eq!(a, read_at, "{opts:?}: ftruncate moved the access time");
+        v.unmount();
+    }
 }
 
 fn chmod_chown_utimens(suite: &str) {

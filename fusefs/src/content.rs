@@ -5,9 +5,10 @@
 //! full block; an all-zero on-disk block is a hole and reads as zeros.
 
 use parking_lot::Mutex;
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{AsFd, AsRawFd, OwnedFd};
+use rustix::fs::{Mode, OFlags};
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use vaultfs_core::format::blocks::{self, Layout};
 use vaultfs_core::format::{FileHeader, BLOCK_SIZE, HEADER_LEN};
@@ -100,6 +101,9 @@ pub struct Content {
     /// Block ranges `[a, b)` known to be holes: skipped by a write that began past the end of
     /// the file, and not written since. At most [`MAX_GAPS`]; beyond that `holes` is set.
     gaps: Vec<(u64, u64)>,
+    /// A read through the mount has brought the access time up to date since the file last
+    /// changed (see [`Content::note_read`]).
+    atime_done: AtomicBool,
 }
 
 /// Gaps tracked one by one (see [`Content::gaps`]): a stream's requests that commit out of order
@@ -301,6 +305,7 @@ impl Content {
             around: Mutex::new(Vec::new()),
             holes,
             gaps: Vec::new(),
+            atime_done: AtomicBool::new(false),
         };
         if len > 0 {
             c.load_header()?;
@@ -312,13 +317,32 @@ impl Content {
         self.size
     }
 
+    /// After a read through the mount: lets the backing file system apply its access-time rule
+    /// (relatime, noatime, ...) as for a read of the file itself, by reading a byte of it
+    /// through a descriptor of its own. The daemon's descriptor has `O_NOATIME`, so that its own
+    /// reads (headers, the old contents of partly written blocks) never move the access time;
+    /// setting the time directly would move the change time too. Done once per change of the
+    /// file through this state, not on every read.
+    pub fn note_read(&self) {
+        if self.atime_done.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let path = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
+        if let Ok(f) = rustix::fs::open(
+            path.as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            let _ = rustix::io::pread(&f, &mut [0u8; 1], 0);
+        }
+    }
+
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
     }
 
     /// The backing file's path, for log lines (the encrypted name says nothing secret).
     pub fn backing_path(&self) -> String {
-        use rustix::fd::AsRawFd;
         std::fs::read_link(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "?".into())
@@ -750,6 +774,7 @@ impl Content {
             return Err(e);
         }
         self.size = new_size;
+        *self.atime_done.get_mut() = false;
         if touches_gap {
             self.fill_gaps(first, last + 1);
         }
@@ -899,7 +924,11 @@ impl Content {
             return Err(ContentError::TooLarge);
         }
         let old = self.size;
+        *self.atime_done.get_mut() = false;
         if new_size == old {
+            // Still a truncate: the modification and change times move, as on ext4.
+            let len = rustix::fs::fstat(&self.fd)?.st_size as u64;
+            rustix::fs::ftruncate(&self.fd, len)?;
             return Ok(());
         }
         if new_size == 0 {

@@ -157,11 +157,16 @@ enum Handle {
     File {
         inode: Arc<Inode>,
         content: Arc<RwLock<Content>>,
+        /// Opened write-only: reads through it are the kernel's own (filling a page cache page
+        /// that a write only partly covers), which do not count as accesses.
+        write_only: bool,
     },
 }
 
 pub struct Options {
     pub read_only: bool,
+    /// Reads leave access times alone (`-o noatime`); otherwise they follow relatime.
+    pub noatime: bool,
 }
 
 pub struct VaultFs {
@@ -563,14 +568,19 @@ impl VaultFs {
         let (file, created) = match rustix::fs::openat(
             &dir.fd,
             bn.name(),
-            of | OFlags::CREATE | OFlags::EXCL,
+            of | OFlags::CREATE | OFlags::EXCL | OFlags::NOATIME,
             Mode::from_raw_mode(perm),
         ) {
             Ok(f) => (f, true),
-            Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => (
-                rustix::fs::openat(&dir.fd, bn.name(), of, Mode::empty()).map_err(en)?,
-                false,
-            ),
+            Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => {
+                let existing =
+                    |extra| rustix::fs::openat(&dir.fd, bn.name(), of | extra, Mode::empty());
+                let f = match existing(OFlags::NOATIME) {
+                    Err(rustix::io::Errno::PERM) => existing(OFlags::empty()),
+                    r => r,
+                };
+                (f.map_err(en)?, false)
+            }
             Err(e) => return Err(en(e)),
         };
         let done = (|| {
@@ -629,12 +639,7 @@ impl VaultFs {
                 } else {
                     OFlags::RDWR
                 };
-                rustix::fs::open(
-                    inode.proc_path().as_str(),
-                    rw | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(en)?
+                open_noatime(inode.proc_path().as_str(), rw | OFlags::CLOEXEC)?
             }
         };
         let c = Content::open(fd, self.suite, Arc::clone(&self.contents)).map_err(|e| {
@@ -656,9 +661,15 @@ impl VaultFs {
             content.write().truncate(0).map_err(ce)?;
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .write()
-            .insert(fh, Arc::new(Handle::File { inode, content }));
+        let write_only = flags & libc::O_ACCMODE == libc::O_WRONLY;
+        self.handles.write().insert(
+            fh,
+            Arc::new(Handle::File {
+                inode,
+                content,
+                write_only,
+            }),
+        );
         Ok(fh)
     }
 
@@ -745,7 +756,7 @@ impl VaultFs {
 
     fn file_content(&self, fh: u64) -> FsResult<(Arc<Inode>, Arc<RwLock<Content>>)> {
         match &*self.handle(fh)? {
-            Handle::File { inode, content } => Ok((Arc::clone(inode), Arc::clone(content))),
+            Handle::File { inode, content, .. } => Ok((Arc::clone(inode), Arc::clone(content))),
         }
     }
 
@@ -767,12 +778,21 @@ impl VaultFs {
         off: u64,
         read: impl FnOnce(&Content) -> Result<T, ContentError>,
     ) -> FsResult<T> {
-        let (inode, c) = self.file_content(fh)?;
+        let h = self.handle(fh)?;
+        let Handle::File {
+            inode,
+            content: c,
+            write_only,
+        } = &*h;
         let c = c.read();
-        read(&c).map_err(|e| {
+        let r = read(&c).map_err(|e| {
             error!(ino = inode.ino, offset = off, file = %c.backing_path(), "read failed: {e}");
             ce(e)
-        })
+        });
+        if !self.opts.noatime && !self.opts.read_only && !write_only {
+            c.note_read();
+        }
+        r
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
@@ -888,7 +908,13 @@ impl VaultFs {
             rustix::fs::chmod(inode.proc_path().as_str(), Mode::from_raw_mode(m & 0o7777))
                 .map_err(en)?;
         }
-        if uid.is_some() || gid.is_some() {
+        // A SETATTR with no field (`chown(f, -1, -1)`, or the kernel clearing set-ID bits) still
+        // changes the ctime, as on ext4: a backing chown to -1, -1 does that.
+        let no_field = [mode, uid, gid].iter().all(Option::is_none)
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
+        if uid.is_some() || gid.is_some() || no_field {
             rustix::fs::chownat(
                 &inode.fd,
                 "",
@@ -1598,6 +1624,17 @@ fn read_ahead(
 }
 
 /// Opens the directory `name` under `at` for reading (listing, fsync, statvfs).
+/// Opens a backing file for its contents with `O_NOATIME`: the daemon's own reads (headers,
+/// the old contents of partly written blocks) must not change the access time the user sees;
+/// reads through the mount set it themselves ([`Content::note_read`]). Without the right to
+/// (not the file's owner, no `CAP_FOWNER`), opened without it.
+fn open_noatime(path: &str, flags: OFlags) -> FsResult<OwnedFd> {
+    match rustix::fs::open(path, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => rustix::fs::open(path, flags, Mode::empty()).map_err(en),
+        r => r.map_err(en),
+    }
+}
+
 fn open_dir(at: impl AsFd, name: &str) -> FsResult<OwnedFd> {
     rustix::fs::openat(
         at,

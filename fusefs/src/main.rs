@@ -63,6 +63,7 @@ struct Args {
 struct MountOpts {
     config: fuser::Config,
     read_only: bool,
+    noatime: bool,
     writeback: bool,
     xattrs: bool,
     uring: bool,
@@ -72,6 +73,7 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
     use fuser::MountOption as M;
     let mut config = fuser::Config::default();
     let mut read_only = false;
+    let mut noatime = false;
     let mut writeback = true;
     let mut xattrs = true;
     let mut uring = true;
@@ -98,8 +100,14 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
             "dev" => config.mount_options.push(M::Dev),
             "noexec" => config.mount_options.push(M::NoExec),
             "exec" => config.mount_options.push(M::Exec),
-            "atime" => config.mount_options.push(M::Atime),
-            "noatime" => config.mount_options.push(M::NoAtime),
+            "atime" => {
+                noatime = false;
+                config.mount_options.push(M::Atime)
+            }
+            "noatime" => {
+                noatime = true;
+                config.mount_options.push(M::NoAtime)
+            }
             "sync" => config.mount_options.push(M::Sync),
             "async" => config.mount_options.push(M::Async),
             "dirsync" => config.mount_options.push(M::DirSync),
@@ -128,6 +136,7 @@ fn parse_options(list: &[String], cipherdir: &Path) -> Result<MountOpts, CliErro
     Ok(MountOpts {
         config,
         read_only,
+        noatime,
         writeback: writeback && !read_only,
         xattrs,
         uring,
@@ -184,6 +193,7 @@ fn prepare(args: &Args) -> Result<(VaultFs, MountOpts), CliError> {
         keys,
         Options {
             read_only: opts.read_only,
+            noatime: opts.noatime,
         },
     )
     .map_err(|e| {

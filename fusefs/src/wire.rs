@@ -652,7 +652,10 @@ mod tests {
         let fs = VaultFs::new(
             d.path(),
             v.keys().unwrap(),
-            crate::fs::Options { read_only: false },
+            crate::fs::Options {
+                read_only: false,
+                noatime: false,
+            },
         )
         .unwrap();
         let disp = Dispatcher {
