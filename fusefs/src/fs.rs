@@ -785,14 +785,15 @@ impl VaultFs {
             write_only,
         } = &*h;
         let c = c.read();
-        let r = read(&c).map_err(|e| {
-            error!(ino = inode.ino, offset = off, file = %c.backing_path(), "read failed: {e}");
-            ce(e)
-        });
+        // Before the read, whose reply (sent from inside `read`) lets the caller go on: a
+        // stat right after the read must see the access time it set.
         if !self.opts.noatime && !self.opts.read_only && !write_only {
             c.note_read();
         }
-        r
+        read(&c).map_err(|e| {
+            error!(ino = inode.ino, offset = off, file = %c.backing_path(), "read failed: {e}");
+            ce(e)
+        })
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
