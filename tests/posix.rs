@@ -3524,6 +3524,15 @@ fn full_disk_keeps_stored_data() {
     fs::remove_file(v.p("pad")).unwrap();
     v.remount();
     let into_hole = pattern(7, 64 << 10);
+    // Each block of a failed write reads as it was (zeros) or as written, never EIO.
+    let zeros_or_written = |got: &[u8], what: &str| {
+        for (i, blk) in got.chunks(4096).enumerate() {
+            assert!(
+                blk.iter().all(|&c| c == 0) || blk == &into_hole[i * 4096..(i + 1) * 4096],
+                "block {i} of the failed write {what} is neither zeros nor the data written"
+            );
+        }
+    };
     let r = write_synced("s", 1 << 20, &into_hole);
     assert_eq!(
         r.as_ref().map_err(|e| e.raw_os_error()),
@@ -3533,15 +3542,7 @@ fn full_disk_keeps_stored_data() {
     v.remount();
     let got = read(&v.p("s")).expect("the sparse file reads after a failed write into it");
     assert_eq!(got.len(), 4 << 20);
-    for (i, blk) in got[1 << 20..(1 << 20) + into_hole.len()]
-        .chunks(4096)
-        .enumerate()
-    {
-        assert!(
-            blk.iter().all(|&c| c == 0) || blk == &into_hole[i * 4096..(i + 1) * 4096],
-            "block {i} of the failed write is neither zeros nor the data written"
-        );
-    }
+    zeros_or_written(&got[1 << 20..(1 << 20) + into_hole.len()], "into holes");
     // The same for a write into a gap that a write past the end left (as when the requests of
     // a stream commit out of order): undone by punching its blocks out again.
     {
@@ -3558,12 +3559,7 @@ fn full_disk_keeps_stored_data() {
     v.remount();
     let got = read(&v.p("g")).expect("a file reads after a failed write into its gap");
     assert_eq!(got.len(), (1 << 20) + 3);
-    for (i, blk) in got[..into_hole.len()].chunks(4096).enumerate() {
-        assert!(
-            blk.iter().all(|&c| c == 0) || blk == &into_hole[i * 4096..(i + 1) * 4096],
-            "block {i} of the failed write into a gap is neither zeros nor the data written"
-        );
-    }
+    zeros_or_written(&got[..into_hole.len()], "into a gap");
     // Free the space: writing works again. (The space of a deleted file returns once the kernel
     // forgets the inode and vaultfs closes its descriptor, which happens asynchronously; the
     // remount settles it.)
