@@ -2817,13 +2817,14 @@ fn concurrent_writers(suite: &str) {
     }
 }
 
-/// A small deterministic xorshift generator: `rnd(m)` is in `0..m`.
-fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+/// A deterministic splitmix64 sequence: `rnd(m)` is in `0..m`.
+fn splitmix(mut state: u64) -> impl FnMut(u64) -> u64 {
     move |m| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % m
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % m
     }
 }
 
@@ -2887,7 +2888,7 @@ fn truncates_renames_and_opens_race(suite: &str) {
                 .map(|t| {
                     let names = &names;
                     s.spawn(move || {
-                        let mut rnd = xorshift(0x9e37_79b9 + t);
+                        let mut rnd = splitmix(t);
                         let mut errors = Vec::new();
                         for _ in 0..OPS {
                             let i = rnd(2) as usize;
@@ -3533,12 +3534,14 @@ fn full_disk_keeps_stored_data() {
             );
         }
     };
-    let r = write_synced("s", 1 << 20, &into_hole);
-    assert_eq!(
-        r.as_ref().map_err(|e| e.raw_os_error()),
-        Err(Some(libc::ENOSPC)),
-        "writing into holes on a nearly full disk: {r:?}"
-    );
+    let no_space = |r: std::io::Result<()>, what: &str| {
+        assert_eq!(
+            r.as_ref().map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENOSPC)),
+            "{what} on a nearly full disk: {r:?}"
+        )
+    };
+    no_space(write_synced("s", 1 << 20, &into_hole), "writing into holes");
     v.remount();
     let got = read(&v.p("s")).expect("the sparse file reads after a failed write into it");
     assert_eq!(got.len(), 4 << 20);
@@ -3550,11 +3553,7 @@ fn full_disk_keeps_stored_data() {
         f.write_all_at(b"end", 1 << 20).unwrap();
         f.sync_all().unwrap();
         let r = f.write_all_at(&into_hole, 0).and_then(|_| f.sync_all());
-        assert_eq!(
-            r.as_ref().map_err(|e| e.raw_os_error()),
-            Err(Some(libc::ENOSPC)),
-            "writing into a gap on a nearly full disk: {r:?}"
-        );
+        no_space(r, "writing into a gap");
     }
     v.remount();
     let got = read(&v.p("g")).expect("a file reads after a failed write into its gap");
