@@ -123,6 +123,11 @@ async fn main() {
 
 async fn run(args: Args) -> Result<()> {
     harden();
+    // Caught from the start: a SIGTERM while vaults are being set up, or right after "ready"
+    // (a supervisor stopping what it just saw start), stops the broker cleanly once it is up,
+    // instead of killing it with vaults mounted and nobody to lock them.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let cfg = load_config(&args)?;
     std::fs::create_dir_all(&cfg.state_dir)?;
     std::fs::create_dir_all(&cfg.data_root)?;
@@ -157,8 +162,6 @@ async fn run(args: Args) -> Result<()> {
         let _ = writeln!(out, "ready");
         let _ = out.flush();
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
