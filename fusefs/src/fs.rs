@@ -274,7 +274,15 @@ impl VaultFs {
         if let Some(iv) = dir.diriv.get() {
             return Ok(*iv);
         }
-        load_diriv(dir).map_err(|e| {
+        load_diriv(dir).map_err(|(e, errno)| {
+            if matches!(
+                errno,
+                Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
+            ) {
+                // Not damage: no descriptor left to read it with (see `out_of_descriptors`).
+                self.out_of_descriptors();
+                return errno.map_or(libc::EIO, en);
+            }
             error!(dir = dir.ino, "directory IV file {e}");
             libc::EIO
         })
@@ -800,8 +808,21 @@ impl VaultFs {
         self.check_writable()?;
         let (inode, content) = self.file_content(fh)?;
         let failed = |c: &Content, e: ContentError| {
-            error!(ino = inode.ino, offset = off, file = %c.backing_path(), "write failed: {e}");
-            ce(e)
+            let errno = e.errno();
+            if errno == libc::ENOSPC || errno == libc::EDQUOT {
+                if let Some(dropped) = no_space_log_due() {
+                    warn!(
+                        ino = inode.ino,
+                        file = %c.backing_path(),
+                        dropped,
+                        "write failed: {e} (logged at most once a minute; `dropped`: how many \
+                         such failures since the last line)"
+                    );
+                }
+            } else {
+                error!(ino = inode.ino, offset = off, file = %c.backing_path(), "write failed: {e}");
+            }
+            errno
         };
         // A large write at a block boundary is sealed before the file's lock is taken, so that
         // the workers handling a stream's requests encrypt at the same time; the lock then only
@@ -1263,7 +1284,17 @@ impl VaultFs {
             return Err(libc::ENOTDIR);
         }
         let iv = self.diriv(&dir)?;
-        let mut it = rustix::fs::Dir::new(open_dir(&dir.fd, ".")?).map_err(en)?;
+        // With `-o noatime` or `-o ro` a listing leaves the directory's access time alone (on a
+        // read-only mount nothing may change on disk).
+        let listing = if self.opts.noatime || self.opts.read_only {
+            open_noatime(
+                dir.proc_path().as_str(),
+                OFlags::DIRECTORY | OFlags::CLOEXEC,
+            )?
+        } else {
+            open_dir(&dir.fd, ".")?
+        };
+        let mut it = rustix::fs::Dir::new(listing).map_err(en)?;
         if offset != 0 {
             it.seek(i64::try_from(offset).map_err(|_| libc::EINVAL)?)
                 .map_err(en)?;
@@ -1494,30 +1525,54 @@ fn kind_of_dirent(t: rustix::fs::FileType) -> Kind {
     }
 }
 
+/// Whether a write that failed for want of space should be logged now: the first one, then at
+/// most one a minute, with how many were not (`Some(dropped)`). A full disk under the writeback
+/// cache fails every request of every writer, and the log must not fill what little is left.
+fn no_space_log_due() -> Option<u64> {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static DROPPED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if (last == 0 || now >= last + 60)
+        && LAST
+            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        return Some(DROPPED.swap(0, Ordering::Relaxed));
+    }
+    DROPPED.fetch_add(1, Ordering::Relaxed);
+    None
+}
+
 /// Reads the IV file of the backing directory `dir` (no logging: the caller decides). Only a
 /// regular file counts: a symlink is not followed, and a FIFO or device does not block.
-fn read_diriv(dir: BorrowedFd<'_>) -> Result<[u8; DIRIV_LEN], String> {
+/// The error names what is wrong, with the errno of a failed system call.
+fn read_diriv(dir: BorrowedFd<'_>) -> Result<[u8; DIRIV_LEN], (String, Option<rustix::io::Errno>)> {
     let f = rustix::fs::openat(
         dir,
         DIRIV_FILE,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| format!("unreadable: {e}"))?;
-    let st = rustix::fs::fstat(&f).map_err(|e| format!("unreadable: {e}"))?;
+    .map_err(|e| (format!("unreadable: {e}"), Some(e)))?;
+    let bad = |what: &str| (what.to_string(), None);
+    let st = rustix::fs::fstat(&f).map_err(|e| (format!("unreadable: {e}"), Some(e)))?;
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
-        return Err("not a regular file".into());
+        return Err(bad("not a regular file"));
     }
     let mut iv = [0u8; DIRIV_LEN];
-    let n = rustix::io::pread(&f, &mut iv[..], 0).map_err(|e| format!("unreadable: {e}"))?;
+    let n =
+        rustix::io::pread(&f, &mut iv[..], 0).map_err(|e| (format!("unreadable: {e}"), Some(e)))?;
     if n != DIRIV_LEN {
-        return Err("truncated".into());
+        return Err(bad("truncated"));
     }
     Ok(iv)
 }
 
 /// Reads a directory's IV file into its cache.
-fn load_diriv(dir: &Inode) -> Result<[u8; DIRIV_LEN], String> {
+fn load_diriv(dir: &Inode) -> Result<[u8; DIRIV_LEN], (String, Option<rustix::io::Errno>)> {
     let iv = read_diriv(dir.fd.as_fd())?;
     let _ = dir.diriv.set(iv);
     Ok(iv)
