@@ -595,12 +595,17 @@ impl Content {
     /// again, as they were, rather than leave a block half written (which would never
     /// authenticate). Punching frees space, so it works on a full disk.
     fn punch_back(&self, off: u64, len: u64) {
-        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
-        if let Err(e) = rustix::fs::fallocate(&self.fd, flags, off, len) {
+        if let Err(e) = self.punch(off, len) {
             tracing::warn!(
                 "a failed write may have left a block unreadable: cannot punch it out: {e}"
             );
         }
+    }
+
+    /// Deallocates backing bytes `[off, off + len)` (they read as zeros), keeping the length.
+    fn punch(&self, off: u64, len: u64) -> rustix::io::Result<()> {
+        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        rustix::fs::fallocate(&self.fd, flags, off, len)
     }
 
     /// Blocks `[a, b)` have been written: they are no longer gaps.
@@ -711,12 +716,7 @@ impl Content {
         }
         let from = self.layout.block_offset(a);
         let to = self.layout.block_offset(b);
-        let punched = rustix::fs::fallocate(
-            &self.fd,
-            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-            from,
-            to - from,
-        );
+        let punched = self.punch(from, to - from);
         self.holes = true;
         match punched {
             Ok(()) => Ok(()),

@@ -274,17 +274,13 @@ impl VaultFs {
         if let Some(iv) = dir.diriv.get() {
             return Ok(*iv);
         }
-        load_diriv(dir).map_err(|(e, errno)| {
-            if matches!(
-                errno,
-                Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
-            ) {
-                // Not damage: no descriptor left to read it with (see `out_of_descriptors`).
-                self.out_of_descriptors();
-                return errno.map_or(libc::EIO, en);
+        load_diriv(dir).map_err(|(e, errno)| match errno {
+            // Not damage: no descriptor left to read it with.
+            Some(n @ (rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)) => self.open_failed(n),
+            _ => {
+                error!(dir = dir.ino, "directory IV file {e}");
+                libc::EIO
             }
-            error!(dir = dir.ino, "directory IV file {e}");
-            libc::EIO
         })
     }
 
@@ -376,12 +372,16 @@ impl VaultFs {
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| {
-            if matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
-                self.out_of_descriptors();
-            }
-            en(e)
-        })
+        .map_err(|e| self.open_failed(e))
+    }
+
+    /// The errno for a descriptor that could not be opened, saying in the log (once) when the
+    /// reason is the descriptor limit.
+    fn open_failed(&self, e: rustix::io::Errno) -> Errno {
+        if matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
+            self.out_of_descriptors();
+        }
+        en(e)
     }
 
     /// An `O_PATH` descriptor of the object `fd` refers to (through its /proc link, so it is
@@ -392,12 +392,7 @@ impl VaultFs {
             OFlags::PATH | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| {
-            if matches!(e, rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) {
-                self.out_of_descriptors();
-            }
-            en(e)
-        })
+        .map_err(|e| self.open_failed(e))
     }
 
     /// Says once, in the log, that the descriptor limit stops lookups and creates: the daemon
@@ -581,13 +576,7 @@ impl VaultFs {
         ) {
             Ok(f) => (f, true),
             Err(rustix::io::Errno::EXIST) if flags & libc::O_EXCL == 0 => {
-                let existing =
-                    |extra| rustix::fs::openat(&dir.fd, bn.name(), of | extra, Mode::empty());
-                let f = match existing(OFlags::NOATIME) {
-                    Err(rustix::io::Errno::PERM) => existing(OFlags::empty()),
-                    r => r,
-                };
-                (f.map_err(en)?, false)
+                (open_noatime(&dir.fd, bn.name(), of)?, false)
             }
             Err(e) => return Err(en(e)),
         };
@@ -647,7 +636,11 @@ impl VaultFs {
                 } else {
                     OFlags::RDWR
                 };
-                open_noatime(inode.proc_path().as_str(), rw | OFlags::CLOEXEC)?
+                open_noatime(
+                    rustix::fs::CWD,
+                    inode.proc_path().as_str(),
+                    rw | OFlags::CLOEXEC,
+                )?
             }
         };
         let c = Content::open(fd, self.suite, Arc::clone(&self.contents)).map_err(|e| {
@@ -1287,10 +1280,7 @@ impl VaultFs {
         // With `-o noatime` or `-o ro` a listing leaves the directory's access time alone (on a
         // read-only mount nothing may change on disk).
         let listing = if self.opts.noatime || self.opts.read_only {
-            open_noatime(
-                dir.proc_path().as_str(),
-                OFlags::DIRECTORY | OFlags::CLOEXEC,
-            )?
+            open_noatime(&dir.fd, ".", OFlags::DIRECTORY | OFlags::CLOEXEC)?
         } else {
             open_dir(&dir.fd, ".")?
         };
@@ -1546,25 +1536,28 @@ fn no_space_log_due() -> Option<u64> {
     None
 }
 
+/// Why a directory's IV file could not be read, and the errno if a system call failed.
+type DirivError = (String, Option<rustix::io::Errno>);
+
 /// Reads the IV file of the backing directory `dir` (no logging: the caller decides). Only a
 /// regular file counts: a symlink is not followed, and a FIFO or device does not block.
 /// The error names what is wrong, with the errno of a failed system call.
-fn read_diriv(dir: BorrowedFd<'_>) -> Result<[u8; DIRIV_LEN], (String, Option<rustix::io::Errno>)> {
+fn read_diriv(dir: BorrowedFd<'_>) -> Result<[u8; DIRIV_LEN], DirivError> {
+    let unreadable = |e: rustix::io::Errno| (format!("unreadable: {e}"), Some(e));
     let f = rustix::fs::openat(
         dir,
         DIRIV_FILE,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| (format!("unreadable: {e}"), Some(e)))?;
+    .map_err(unreadable)?;
     let bad = |what: &str| (what.to_string(), None);
-    let st = rustix::fs::fstat(&f).map_err(|e| (format!("unreadable: {e}"), Some(e)))?;
+    let st = rustix::fs::fstat(&f).map_err(unreadable)?;
     if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
         return Err(bad("not a regular file"));
     }
     let mut iv = [0u8; DIRIV_LEN];
-    let n =
-        rustix::io::pread(&f, &mut iv[..], 0).map_err(|e| (format!("unreadable: {e}"), Some(e)))?;
+    let n = rustix::io::pread(&f, &mut iv[..], 0).map_err(unreadable)?;
     if n != DIRIV_LEN {
         return Err(bad("truncated"));
     }
@@ -1572,7 +1565,7 @@ fn read_diriv(dir: BorrowedFd<'_>) -> Result<[u8; DIRIV_LEN], (String, Option<ru
 }
 
 /// Reads a directory's IV file into its cache.
-fn load_diriv(dir: &Inode) -> Result<[u8; DIRIV_LEN], (String, Option<rustix::io::Errno>)> {
+fn load_diriv(dir: &Inode) -> Result<[u8; DIRIV_LEN], DirivError> {
     let iv = read_diriv(dir.fd.as_fd())?;
     let _ = dir.diriv.set(iv);
     Ok(iv)
@@ -1679,18 +1672,20 @@ fn read_ahead(
     }
 }
 
-/// Opens the directory `name` under `at` for reading (listing, fsync, statvfs).
-/// Opens a backing file for its contents with `O_NOATIME`: the daemon's own reads (headers,
-/// the old contents of partly written blocks) must not change the access time the user sees;
-/// reads through the mount set it themselves ([`Content::note_read`]). Without the right to
-/// (not the file's owner, no `CAP_FOWNER`), opened without it.
-fn open_noatime(path: &str, flags: OFlags) -> FsResult<OwnedFd> {
-    match rustix::fs::open(path, flags | OFlags::NOATIME, Mode::empty()) {
-        Err(rustix::io::Errno::PERM) => rustix::fs::open(path, flags, Mode::empty()).map_err(en),
+/// Opens `name` under `at` with `O_NOATIME`: the daemon's own reads of a backing file
+/// (headers, the old contents of partly written blocks) must not change the access time the
+/// user sees; reads through the mount set it themselves ([`Content::note_read`]). Without the
+/// right to (not the owner, no `CAP_FOWNER`), opened without it.
+fn open_noatime(at: impl AsFd, name: &str, flags: OFlags) -> FsResult<OwnedFd> {
+    match rustix::fs::openat(&at, name, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => {
+            rustix::fs::openat(&at, name, flags, Mode::empty()).map_err(en)
+        }
         r => r.map_err(en),
     }
 }
 
+/// Opens the directory `name` under `at` for reading (listing, fsync, statvfs).
 fn open_dir(at: impl AsFd, name: &str) -> FsResult<OwnedFd> {
     rustix::fs::openat(
         at,
